@@ -1,0 +1,5 @@
+import sys
+
+from trisocks.cli import main
+
+sys.exit(main())

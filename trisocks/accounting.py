@@ -1,0 +1,130 @@
+"""Per-user accounting: live counters folded into the store every few seconds.
+
+A session's counters are taken as differences against what was flushed before, at each
+periodic flush, when the session ends, and at shutdown; so a graceful stop loses nothing and a
+crash loses at most one flush interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import attrs
+import trio
+
+from trisocks.sessions import Counters, Session, SessionRegistry
+from trisocks.store import ANONYMOUS, Store, UsageDelta, UserUsage
+
+__all__ = ["Accountant"]
+
+log = logging.getLogger("trisocks.accounting")
+
+
+@attrs.define
+class _Pending:
+    sessions: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    datagrams_up: int = 0
+    datagrams_down: int = 0
+    last_seen: float = 0.0
+
+
+class Accountant:
+    def __init__(self, store: Store, registry: SessionRegistry) -> None:
+        self.store = store
+        self.registry = registry
+        self._pending: dict[str, _Pending] = {}
+        registry.add_listener(self._on_event)
+
+    @staticmethod
+    def account_name(session: Session) -> str:
+        return session.user if session.user is not None else ANONYMOUS
+
+    def _take(self, session: Session, *, new_session: bool = False) -> None:
+        c, f = session.counters, session.flushed
+        pending = self._pending.setdefault(self.account_name(session), _Pending())
+        pending.sessions += new_session
+        pending.bytes_up += c.bytes_up - f.bytes_up
+        pending.bytes_down += c.bytes_down - f.bytes_down
+        pending.datagrams_up += c.datagrams_up - f.datagrams_up
+        pending.datagrams_down += c.datagrams_down - f.datagrams_down
+        pending.last_seen = time.time()
+        session.flushed = attrs.evolve(c)
+
+    def _on_event(self, event: str, session: Session) -> None:
+        # A session is counted once it has a user (or is known to be anonymous): when its
+        # request has been read. Sessions that never got past the handshake are not usage.
+        if event == "end" and session.command is not None:
+            self._take(session, new_session=True)
+
+    def flush(self) -> None:
+        """Write everything counted so far into the store."""
+        for session in self.registry:
+            if session.command is not None:
+                self._take(session)
+        pending, self._pending = self._pending, {}
+        deltas = [
+            (user, UsageDelta(p.sessions, p.bytes_up, p.bytes_down, p.datagrams_up,
+                              p.datagrams_down, p.last_seen))
+            for user, p in pending.items()
+            if p.sessions or p.bytes_up or p.bytes_down or p.datagrams_up or p.datagrams_down
+        ]
+        try:
+            self.store.add_usage(deltas)
+        except Exception:
+            log.exception("accounting flush failed; will retry")
+            for user, p in pending.items():  # keep it for the next try
+                into = self._pending.setdefault(user, _Pending())
+                for field in attrs.fields(_Pending):
+                    merge = max if field.name == "last_seen" else sum
+                    pair = (getattr(into, field.name), getattr(p, field.name))
+                    setattr(into, field.name, merge(pair))
+            raise
+
+    async def run(self, interval: float) -> None:
+        """Flush every *interval* seconds until cancelled, then once more."""
+        try:
+            while True:
+                await trio.sleep(interval)
+                with contextlib.suppress(Exception):  # logged in flush; retried next time
+                    self.flush()
+        finally:
+            self.flush()
+
+    def live_usage(self, name: str | None = None) -> list[dict[str, object]]:
+        """Persisted totals plus what is pending and what live sessions have moved."""
+        rows: dict[str, UserUsage] = {u.user: u for u in self.store.usage(name)}
+        extra: dict[str, Counters] = {}
+        active: dict[str, int] = {}
+        for session in self.registry:
+            user = self.account_name(session)
+            if name is not None and user != name:
+                continue
+            active[user] = active.get(user, 0) + 1
+            c, f = session.counters, session.flushed
+            e = extra.setdefault(user, Counters())
+            e.bytes_up += c.bytes_up - f.bytes_up
+            e.bytes_down += c.bytes_down - f.bytes_down
+            e.datagrams_up += c.datagrams_up - f.datagrams_up
+            e.datagrams_down += c.datagrams_down - f.datagrams_down
+        result = []
+        names = set(rows) | set(active) | {u for u in self._pending if name in (None, u)}
+        for user in sorted(names):
+            base = rows.get(user) or UserUsage(user, 0, 0, 0, 0, 0, None)
+            p = self._pending.get(user, _Pending())
+            e = extra.get(user, Counters())
+            last_seen = max(base.last_seen or 0, p.last_seen, time.time() if user in active else 0)
+            result.append({
+                "user": user,
+                "active_sessions": active.get(user, 0),
+                "sessions_total": base.sessions_total + p.sessions,
+                "bytes_up": base.bytes_up + p.bytes_up + e.bytes_up,
+                "bytes_down": base.bytes_down + p.bytes_down + e.bytes_down,
+                "datagrams_up": base.datagrams_up + p.datagrams_up + e.datagrams_up,
+                "datagrams_down": base.datagrams_down + p.datagrams_down + e.datagrams_down,
+                "last_seen": last_seen or None,
+            })
+        return result

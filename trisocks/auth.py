@@ -1,0 +1,55 @@
+"""Checking RFC 1929 credentials against the store without stalling the event loop.
+
+scrypt takes tens of milliseconds, so it runs in a worker thread (at most two at once). A
+successful check leaves a keyed BLAKE2 digest of the password in memory, bound to the stored
+hash it matched: the next login with the same password costs one dictionary lookup and a
+constant-time compare, and changing the password in the store (from any process) makes the
+digest stale at once because the stored hash differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+import trio
+
+from trisocks.passwords import DUMMY_HASH, verify_password
+from trisocks.store import Store
+
+__all__ = ["Authenticator"]
+
+
+class Authenticator:
+    def __init__(self, store: Store, *, threads: int = 2) -> None:
+        self._store = store
+        self._key = secrets.token_bytes(32)
+        self._verified: dict[str, tuple[str, bytes]] = {}
+        self._limiter = trio.CapacityLimiter(threads)
+
+    def _digest(self, password: bytes) -> bytes:
+        return hashlib.blake2b(password, key=self._key, digest_size=32).digest()
+
+    async def check(self, username: bytes, password: bytes) -> str | None:
+        """Return the user's name if the credentials are right, else ``None``."""
+        try:
+            name = username.decode()
+        except UnicodeDecodeError:
+            name = None
+        stored = self._store.password_hash(name) if name is not None else None
+        if name is not None and stored is not None:
+            cached = self._verified.get(name)
+            if cached is not None and cached[0] == stored:
+                return name if hmac.compare_digest(cached[1], self._digest(password)) else None
+        ok = await trio.to_thread.run_sync(
+            verify_password, password, stored or DUMMY_HASH, limiter=self._limiter
+        )
+        if not ok or name is None or stored is None:
+            return None
+        self._verified[name] = (stored, self._digest(password))
+        return name
+
+    def forget(self, name: str) -> None:
+        """Drop what is cached for *name* (after a password change or removal)."""
+        self._verified.pop(name, None)

@@ -1,0 +1,237 @@
+"""``trisocks``: serve, manage users, and talk to a running server's admin API.
+
+Bad input never gets a traceback: the message names the problem and the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import signal
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+
+from trisocks.config import KEYS, Config, ConfigError, build_config, default_db_path, load_file
+from trisocks.logs import setup_logging
+from trisocks.passwords import hash_password
+from trisocks.store import Store, StoreError
+
+__all__ = ["main"]
+
+# Help for every config key; each is also a flag of ``trisocks serve``.
+SERVE_HELP: dict[str, tuple[str, str]] = {
+    "listen": ("HOST:PORT", "SOCKS listener; repeat for more; IPv6 as [::1]:1080 "
+               "(default 127.0.0.1:1080)"),
+    "auth": ("METHODS", "comma list of methods to offer, in order of preference: "
+             "password, none (default password)"),
+    "db": ("PATH", f"SQLite file for users and accounting (default {default_db_path()})"),
+    "allow_open_proxy": ("", "allow auth 'none' on a non-loopback listener"),
+    "handshake_timeout": ("SECONDS", "greeting + auth + request must finish within this "
+                          "(default 10)"),
+    "connect_timeout": ("SECONDS", "outbound connect timeout; answered with REP 06 (default 10)"),
+    "idle_timeout": ("SECONDS", "end a relay idle this long in both directions (default 300)"),
+    "shutdown_grace": ("SECONDS", "on SIGINT/SIGTERM, let sessions drain this long (default 10)"),
+    "bind_timeout": ("SECONDS", "BIND: wait this long for the incoming peer (default 120)"),
+    "udp_idle_timeout": ("SECONDS", "UDP ASSOCIATE: end an association idle this long "
+                         "(default 300)"),
+    "udp_reassembly_timeout": ("SECONDS", "UDP fragment reassembly timer, >= 5 (default 5)"),
+    "external_address": ("ADDR", "address announced in BIND/UDP replies (behind NAT)"),
+    "relay_engine": ("ENGINE", "auto, splice or copy (default auto: splice on Linux)"),
+    "admin": ("HOST:PORT", "admin API and dashboard, or 'off' (default 127.0.0.1:8080)"),
+    "admin_token": ("TOKEN", "admin API bearer token (env TRISOCKS_ADMIN_TOKEN; generated and "
+                    "stored next to the db when unset)"),
+    "metrics_public": ("", "serve /metrics without the token"),
+    "log_format": ("FORMAT", "text or json (default text)"),
+    "log_level": ("LEVEL", "debug, info, warning or error (default info)"),
+    "accounting_flush_interval": ("SECONDS", "how often live counters are written to the db "
+                                  "(default 2)"),
+    "max_sessions": ("N", "sessions at once; more connections are closed (default 10000)"),
+}
+assert SERVE_HELP.keys() == KEYS.keys(), "every config key needs a flag"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"trisocks: error: {message}\n")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"trisocks: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Run the SOCKS5 proxy. Every option is also a key of the TOML file given "
+        "with --config (same name with underscores: --idle-timeout is idle_timeout); "
+        "options on the command line win over the file.",
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    for key, (metavar, text) in SERVE_HELP.items():
+        flag = "--" + key.replace("_", "-")
+        if not metavar:
+            p.add_argument(flag, dest=key, action="store_const", const=True, help=text)
+        elif key == "listen":
+            p.add_argument(flag, dest=key, action="append", metavar=metavar, help=text)
+        else:
+            p.add_argument(flag, dest=key, metavar=metavar, help=text)
+    p.add_argument("--no-admin", dest="admin", action="store_const", const="off",
+                   help="do not start the admin API")
+    p.set_defaults(func=_cmd_serve)
+
+
+_NUMERIC = {
+    key for key, conv in KEYS.items()
+    if key.endswith(("_timeout", "_grace", "_interval")) or key == "max_sessions"
+}
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key in KEYS:
+        value = getattr(args, key, None)
+        if value is not None and key in _NUMERIC:
+            try:
+                value = int(value) if key == "max_sessions" else float(value)
+            except ValueError:
+                _fail(f"--{key.replace('_', '-')}: {value!r} is not a number")
+        values[key] = value
+    return values
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    try:
+        file_values = load_file(args.config) if args.config else {}
+        return build_config(file_values, _flag_values(args))
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _open_store(path: Path) -> Store:
+    try:
+        return Store(path, create_dir=path == default_db_path())
+    except StoreError as exc:
+        _fail(str(exc))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    setup_logging(config.log_format, config.log_level)
+    store = _open_store(config.db)
+    if "password" in config.auth and not store.users():
+        print(
+            f"trisocks: warning: no users in {config.db}; add one with "
+            f"'trisocks user add NAME --db {config.db}'",
+            file=sys.stderr,
+        )
+    try:
+        trio.run(_run_until_signal, config, store)
+    except OSError as exc:
+        _fail(f"cannot listen: {exc.strerror or exc}")
+    finally:
+        store.close()
+    return 0
+
+
+async def _run_until_signal(config: Config, store: Store) -> None:
+    from trisocks.server.serve import serve
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            ctx = await nursery.start(serve, config, store)
+
+            async def watch() -> None:
+                async for _ in signals:
+                    ctx.shutdown.set()
+                    return
+
+            nursery.start_soon(watch)
+            await ctx.shutdown.wait()
+    # serve has returned: every session is done and accounting is flushed.
+
+
+# --- users -------------------------------------------------------------------------------
+
+
+def _read_password(args: argparse.Namespace) -> bytes:
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        password = line.rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            _fail("the two passwords differ")
+    raw = password.encode()
+    if not 1 <= len(raw) <= 255:
+        _fail(f"password must be 1..255 bytes (RFC 1929), got {len(raw)}")
+    return raw
+
+
+def _cmd_user(args: argparse.Namespace) -> int:
+    store = _open_store(args.db)
+    try:
+        if args.user_command == "add":
+            password = _read_password(args)
+            store.add_user(args.name, hash_password(password))
+            print(f"added user {args.name}")
+        elif args.user_command == "passwd":
+            if not store.has_user(args.name):
+                raise StoreError(f"no user {args.name!r}")
+            store.set_password(args.name, hash_password(_read_password(args)))
+            print(f"changed password of {args.name}")
+        elif args.user_command == "remove":
+            store.remove_user(args.name)
+            print(f"removed user {args.name}")
+        else:
+            for name in store.users():
+                print(name)
+    except StoreError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+    return 0
+
+
+def _add_user(sub: Any) -> None:
+    p = sub.add_parser("user", help="manage users (RFC 1929 username/password)")
+    users = p.add_subparsers(dest="user_command", required=True, parser_class=_Parser)
+    for name, text in (("add", "add a user"), ("passwd", "change a user's password"),
+                       ("remove", "remove a user"), ("list", "list users, one per line")):
+        q = users.add_parser(name, help=text)
+        if name != "list":
+            q.add_argument("name")
+        if name in ("add", "passwd"):
+            q.add_argument("--password-stdin", action="store_true",
+                           help="read the password from the first line of stdin")
+        q.add_argument("--db", type=Path, default=default_db_path(),
+                       help=f"SQLite file (default {default_db_path()})")
+        q.set_defaults(func=_cmd_user)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="trisocks", description="SOCKS5 proxy on trio")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_serve(sub)
+    _add_user(sub)
+    try:
+        from trisocks.admin.cli import add_admin_commands
+    except ImportError:  # the admin client commands arrive with the admin API
+        pass
+    else:
+        add_admin_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Server configuration: one frozen :class:`Config`, from defaults, a TOML file and flags.
+
+Every key of the TOML file is also a ``trisocks serve`` flag (``idle_timeout`` is
+``--idle-timeout``); flags win over the file. :func:`build_config` validates everything and
+raises :class:`ConfigError` naming the key at fault.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+__all__ = ["KEYS", "Config", "ConfigError", "Endpoint", "build_config", "default_db_path"]
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; the message names the key."""
+
+
+@attrs.frozen
+class Endpoint:
+    """A host and port to listen on or to bind."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, *, key: str = "listen") -> Endpoint:
+        """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces is never implied:
+        an empty host means 127.0.0.1)."""
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ConfigError(f"{key}: {text!r} is not HOST:PORT")
+        if host.startswith("["):
+            if not host.endswith("]"):
+                raise ConfigError(f"{key}: {text!r} has an unclosed '['")
+            host = host[1:-1]
+        elif ":" in host:
+            raise ConfigError(f"{key}: write IPv6 addresses in brackets, as [::1]:1080")
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ConfigError(f"{key}: port {port_text!r} is not a number") from None
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{key}: port {port} is out of range 0..65535")
+        return cls(host or "127.0.0.1", port)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+AUTH_METHODS = ("none", "password")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+RELAY_ENGINES = ("auto", "splice", "copy")
+
+
+def default_db_path() -> Path:
+    """``$XDG_DATA_HOME/trisocks/trisocks.db`` (``~/.local/share/...`` without it)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
+    return Path(base) / "trisocks" / "trisocks.db"
+
+
+@attrs.frozen
+class Config:
+    """Everything ``trisocks serve`` needs. Times are seconds."""
+
+    listen: tuple[Endpoint, ...] = (Endpoint("127.0.0.1", 1080),)
+    """SOCKS listeners."""
+    auth: tuple[str, ...] = ("password",)
+    """Methods offered, in the server's order of preference: ``none``, ``password``."""
+    db: Path = attrs.field(factory=default_db_path)
+    """SQLite file with users and accounting."""
+    allow_open_proxy: bool = False
+    """Allow ``auth = none`` on a listener that is not loopback."""
+    handshake_timeout: float = 10.0
+    """Greeting + authentication + request must finish within this."""
+    connect_timeout: float = 10.0
+    """Outbound connect (all addresses of a name together)."""
+    idle_timeout: float = 300.0
+    """A relay with no byte in either direction for this long ends."""
+    shutdown_grace: float = 10.0
+    """On SIGINT/SIGTERM, live sessions get this long to finish before they are cancelled."""
+    bind_timeout: float = 120.0
+    """BIND: how long to wait for the peer's incoming connection."""
+    udp_idle_timeout: float = 300.0
+    """UDP ASSOCIATE: an association with no datagram for this long ends."""
+    udp_reassembly_timeout: float = 5.0
+    """UDP fragment reassembly timer (RFC 1928: no less than 5 s)."""
+    external_address: str | None = None
+    """Address announced in BIND/UDP replies instead of the local one (behind NAT)."""
+    relay_engine: str = "auto"
+    """``auto`` (splice on Linux), ``splice`` or ``copy``."""
+    admin: Endpoint | None = Endpoint("127.0.0.1", 8080)
+    """Admin API and dashboard; ``None`` (``--no-admin``) turns it off."""
+    admin_token: str | None = None
+    """Bearer token for the admin API; generated and stored next to the db when unset."""
+    metrics_public: bool = False
+    """Serve ``/metrics`` without the token."""
+    log_format: str = "text"
+    """``text`` or ``json``."""
+    log_level: str = "info"
+    accounting_flush_interval: float = 2.0
+    """Seconds between flushes of live counters into the accounting store."""
+    max_sessions: int = 10000
+    """Sessions at once, server-wide; beyond it new connections are closed at once."""
+
+
+def _positive(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number of seconds, got {value!r}")
+    if value <= 0:
+        raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    return float(value)
+
+
+def _choice(choices: tuple[str, ...]) -> Any:
+    def convert(key: str, value: Any) -> str:
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return convert
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _listen(key: str, value: Any) -> tuple[Endpoint, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError(f"{key}: expected one or more HOST:PORT strings")
+    if not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"{key}: expected HOST:PORT strings, got {value!r}")
+    return tuple(Endpoint.parse(item, key=key) for item in items)
+
+
+def _auth(key: str, value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError(f"{key}: expected a list of methods")
+    methods = tuple(str(item).strip() for item in items)
+    for method in methods:
+        if method not in AUTH_METHODS:
+            raise ConfigError(f"{key}: unknown method {method!r} (known: none, password)")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"{key}: a method is listed twice")
+    return methods
+
+
+def _admin(key: str, value: Any) -> Endpoint | None:
+    if value in (None, False, "off", "none"):
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected HOST:PORT or \"off\", got {value!r}")
+    return Endpoint.parse(value, key=key)
+
+
+def _text(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _path(key: str, value: Any) -> Path:
+    if not isinstance(value, str | os.PathLike) or not str(value):
+        raise ConfigError(f"{key}: expected a file path, got {value!r}")
+    return Path(value).expanduser()
+
+
+def _count(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}: expected a whole number >= 1, got {value!r}")
+    return value
+
+
+def _reassembly(key: str, value: Any) -> float:
+    seconds = _positive(key, value)
+    if seconds < 5:
+        raise ConfigError(f"{key}: RFC 1928 requires at least 5 seconds, got {value}")
+    return seconds
+
+
+KEYS: Mapping[str, Any] = {
+    "listen": _listen,
+    "auth": _auth,
+    "db": _path,
+    "allow_open_proxy": _bool,
+    "handshake_timeout": _positive,
+    "connect_timeout": _positive,
+    "idle_timeout": _positive,
+    "shutdown_grace": _positive,
+    "bind_timeout": _positive,
+    "udp_idle_timeout": _positive,
+    "udp_reassembly_timeout": _reassembly,
+    "external_address": _text,
+    "relay_engine": _choice(RELAY_ENGINES),
+    "admin": _admin,
+    "admin_token": _text,
+    "metrics_public": _bool,
+    "log_format": _choice(LOG_FORMATS),
+    "log_level": _choice(LOG_LEVELS),
+    "accounting_flush_interval": _positive,
+    "max_sessions": _count,
+}
+"""Every config key with its converter: ``converter(key, raw_value) -> value``."""
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file; unknown keys are errors (a typo must not pass silently)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config: file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    for key in data:
+        if key not in KEYS:
+            raise ConfigError(f"{key}: unknown config key in {path}")
+    return data
+
+
+def build_config(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> Config:
+    """Defaults, then the file, then flags (``None`` flags are "not given")."""
+    merged = dict(file_values)
+    merged.update({k: v for k, v in flag_values.items() if v is not None})
+    values = {key: KEYS[key](key, raw) for key, raw in merged.items()}
+    config = Config(**values)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    if "none" in config.auth and not config.allow_open_proxy:
+        exposed = [str(e) for e in config.listen if not e.is_loopback]
+        if exposed:
+            raise ConfigError(
+                f"auth: 'none' on non-loopback listener {', '.join(exposed)} makes an open proxy; "
+                "use password auth or pass --allow-open-proxy"
+            )

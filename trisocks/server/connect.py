@@ -1,0 +1,50 @@
+"""CONNECT (RFC 1928 §4): open the outbound connection, reply, relay."""
+
+from __future__ import annotations
+
+import trio
+
+from trisocks.protocol import Reply, Request
+from trisocks.server.common import address_of, format_sockaddr, send_reply
+from trisocks.server.context import ServerContext
+from trisocks.server.errors import reply_for
+from trisocks.server.relay import relay
+from trisocks.sessions import Session
+
+__all__ = ["handle_connect"]
+
+HAPPY_EYEBALLS_DELAY = 0.25
+
+
+async def handle_connect(
+    stream: trio.SocketStream,
+    session: Session,
+    request: Request,
+    leftover: bytes,
+    ctx: ServerContext,
+) -> None:
+    target = request.address
+    ctx.registry.set_state(session, "connecting")
+    try:
+        with trio.fail_after(ctx.config.connect_timeout):
+            upstream = await trio.open_tcp_stream(
+                target.host, target.port, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY
+            )
+    except (OSError, trio.TooSlowError) as exc:
+        session.close_reason = f"connect failed: {exc}"
+        await send_reply(stream, session, reply_for(exc))
+        return
+    async with upstream:
+        session.resolved = format_sockaddr(upstream.socket.getpeername())
+        await send_reply(
+            stream, session, Reply.SUCCEEDED, address_of(upstream.socket.getsockname())
+        )
+        ctx.registry.set_state(session, "relaying")
+        if leftover:
+            await upstream.send_all(leftover)
+            session.counters.bytes_up += len(leftover)
+        failure = await relay(
+            stream, upstream, session.counters, ctx.engine, ctx.config.idle_timeout
+        )
+        if failure is not None:
+            session.close_reason = f"relay: {failure.strerror or failure}"

@@ -1,0 +1,54 @@
+"""What every session handler needs, built once per server."""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import attrs
+import trio
+
+from trisocks.accounting import Accountant
+from trisocks.auth import Authenticator
+from trisocks.config import Config
+from trisocks.server.relay import Engine
+from trisocks.sessions import SessionRegistry
+from trisocks.store import Store
+
+__all__ = ["ServerContext", "Stats"]
+
+
+@attrs.define
+class Stats:
+    """Server-wide counters (exported by ``/metrics``)."""
+
+    started_at: float = attrs.field(factory=trio.current_time)
+    handshake_failures: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """By reason: timeout, bad_version, no_acceptable_method, auth_failed, malformed, eof."""
+    replies: collections.Counter[int] = attrs.field(factory=collections.Counter)
+    """Final REP codes sent."""
+    udp_dropped: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """UDP datagrams dropped, by reason: foreign_source, malformed, fragment, not_allowed."""
+    reassembled: int = 0
+    """UDP fragment sequences reassembled."""
+    bytes_up: int = 0
+    """Payload bytes of ended sessions (live sessions are added by whoever reads)."""
+    bytes_down: int = 0
+    rejected_over_limit: int = 0
+    """Connections closed at accept because max_sessions was reached."""
+
+
+@attrs.define(eq=False)
+class ServerContext:
+    config: Config
+    store: Store
+    registry: SessionRegistry
+    authenticator: Authenticator
+    accountant: Accountant
+    engine: Engine
+    stats: Stats = attrs.field(factory=Stats)
+    access_log: logging.Logger = attrs.field(factory=lambda: logging.getLogger("trisocks.access"))
+    shutdown: trio.Event = attrs.field(factory=trio.Event)
+    """Set to stop accepting and drain."""
+    listening: list[tuple[str, int]] = attrs.field(factory=list)
+    """The SOCKS listeners' real addresses, once bound."""

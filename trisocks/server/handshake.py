@@ -1,0 +1,109 @@
+"""The server's side of the handshake: greeting, optional RFC 1929 auth, request.
+
+Reading works on a buffer, so split messages, and messages (or payload) that arrive together,
+are both fine; whatever follows the request is handed on as ``leftover``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+
+from trisocks.protocol import (
+    AddressTypeNotSupported,
+    AuthFailed,
+    BadVersion,
+    CommandNotSupported,
+    Method,
+    Reply,
+    Request,
+    SocksError,
+    encode_auth_response,
+    encode_method_selection,
+    encode_reply,
+    parse_auth_request,
+    parse_greeting,
+    parse_request,
+)
+from trisocks.server.context import ServerContext
+from trisocks.sessions import Session
+
+__all__ = ["HandshakeFailed", "handshake"]
+
+T = TypeVar("T")
+
+_REASON = {
+    CommandNotSupported: "command_not_supported",
+    AddressTypeNotSupported: "address_type_not_supported",
+}
+
+METHOD_OF = {"none": Method.NO_AUTH, "password": Method.USERNAME_PASSWORD}
+
+
+class HandshakeFailed(Exception):
+    """The handshake ended without a request to serve; ``reason`` names why (for metrics)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+async def _read(
+    stream: trio.SocketStream,
+    buf: bytearray,
+    parse: Callable[[bytearray], tuple[T, int] | None],
+) -> T:
+    while True:
+        parsed = parse(buf)
+        if parsed is not None:
+            message, used = parsed
+            del buf[:used]
+            return message
+        data = await stream.receive_some(4096)
+        if not data:
+            raise HandshakeFailed("eof", "client closed during the handshake")
+        buf += data
+
+
+async def handshake(
+    stream: trio.SocketStream, session: Session, ctx: ServerContext
+) -> tuple[Request, bytes]:
+    """Run the handshake; return the request and any bytes the client sent after it.
+
+    Raises HandshakeFailed after answering whatever the RFC says to answer."""
+    buf = bytearray()
+    try:
+        greeting = await _read(stream, buf, parse_greeting)
+    except BadVersion as exc:
+        raise HandshakeFailed("bad_version", str(exc)) from None
+    method = next(
+        (METHOD_OF[m] for m in ctx.config.auth if METHOD_OF[m] in greeting.methods),
+        Method.NO_ACCEPTABLE,
+    )
+    await stream.send_all(encode_method_selection(method))
+    if method == Method.NO_ACCEPTABLE:
+        raise HandshakeFailed("no_acceptable_method", f"client offered {list(greeting.methods)}")
+    if method == Method.USERNAME_PASSWORD:
+        try:
+            credentials = await _read(stream, buf, parse_auth_request)
+            user = await ctx.authenticator.check(credentials.username, credentials.password)
+        except AuthFailed as exc:
+            await stream.send_all(encode_auth_response(False))
+            raise HandshakeFailed("auth_failed", str(exc)) from None
+        if user is None:
+            await stream.send_all(encode_auth_response(False))
+            name = credentials.username.decode(errors="replace")
+            session.user = None
+            raise HandshakeFailed("auth_failed", f"bad credentials for user {name!r}")
+        session.user = user
+        await stream.send_all(encode_auth_response(True))
+    try:
+        request = await _read(stream, buf, parse_request)
+    except SocksError as exc:
+        reply = exc.reply or Reply.GENERAL_FAILURE
+        session.reply = reply
+        await stream.send_all(encode_reply(reply))
+        raise HandshakeFailed(_REASON.get(type(exc), "malformed"), str(exc)) from None
+    return request, bytes(buf)

@@ -1,0 +1,226 @@
+"""Moving bytes between two connected sockets, both directions, until both have ended.
+
+Two engines share one shape (:meth:`Engine.pump` moves one direction):
+
+- :class:`SpliceEngine` (Linux): ``splice(2)`` socket -> pipe -> socket, so payload never enters
+  Python. A pipe is taken from a small pool only while data flows and given back once drained.
+- :class:`CopyEngine` (anywhere): ``readv`` into a pooled buffer, ``write`` out of it. A buffer is
+  likewise held only while data flows.
+
+Either way an idle session holds nothing but its two sockets and two parked tasks. Both engines
+work on file descriptors with trio's ``wait_readable``/``wait_writable``; a direction that ends
+(EOF) is passed on as a half-close (``shutdown(SHUT_WR)``) and the other direction keeps going.
+A socket error in either direction ends the whole relay; it is returned, never raised, so it
+ends this session only.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sys
+from collections.abc import Callable
+
+import trio
+from trio.lowlevel import checkpoint, wait_readable, wait_writable
+
+from trisocks.sessions import Counters
+
+__all__ = ["CopyEngine", "Engine", "SpliceEngine", "make_engine", "relay"]
+
+CHUNK = 256 * 1024
+F_SETPIPE_SZ = 1031
+
+
+class Engine:
+    """Moves one direction: from ``src`` to ``dst`` until EOF on ``src``."""
+
+    name = "abstract"
+
+    async def pump(
+        self, src: trio.SocketStream, dst: trio.SocketStream, add: Callable[[int], None]
+    ) -> None:
+        raise NotImplementedError
+
+
+async def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            await wait_writable(fd)
+
+
+class CopyEngine(Engine):
+    """Portable engine: a pooled buffer per active direction."""
+
+    name = "copy"
+
+    def __init__(self, chunk: int = CHUNK, keep: int = 16) -> None:
+        self._chunk = chunk
+        self._keep = keep
+        self._free: list[memoryview] = []
+
+    def _acquire(self) -> memoryview:
+        return self._free.pop() if self._free else memoryview(bytearray(self._chunk))
+
+    def _release(self, buf: memoryview) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(buf)
+
+    async def pump(
+        self, src: trio.SocketStream, dst: trio.SocketStream, add: Callable[[int], None]
+    ) -> None:
+        sfd, dfd = src.socket.fileno(), dst.socket.fileno()
+        while True:
+            await wait_readable(sfd)
+            buf = self._acquire()
+            try:
+                while True:
+                    try:
+                        n = os.readv(sfd, [buf])
+                    except BlockingIOError:
+                        break
+                    if n == 0:
+                        return
+                    await _write_all(dfd, buf[:n])
+                    add(n)
+                    await checkpoint()
+            finally:
+                self._release(buf)
+
+
+class SpliceEngine(Engine):
+    """Linux zero-copy engine. Falls back to copying when no pipe can be had (EMFILE)."""
+
+    name = "splice"
+    _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+    def __init__(self, chunk: int = CHUNK, keep: int = 16) -> None:
+        self._chunk = chunk
+        self._keep = keep
+        self._free: list[tuple[int, int]] = []
+        self._fallback = CopyEngine(chunk=64 * 1024, keep=2)
+
+    def _new_pipe(self) -> tuple[int, int]:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, self._chunk)
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size: the default size still works
+        return r, w
+
+    def _release(self, pipe: tuple[int, int], *, clean: bool) -> None:
+        if clean and len(self._free) < self._keep:
+            self._free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        while self._free:
+            self._release(self._free.pop(), clean=False)
+
+    async def pump(
+        self, src: trio.SocketStream, dst: trio.SocketStream, add: Callable[[int], None]
+    ) -> None:
+        sfd, dfd = src.socket.fileno(), dst.socket.fileno()
+        splice, flags, chunk = os.splice, self._FLAGS, self._chunk
+        while True:
+            await wait_readable(sfd)
+            try:
+                pipe = self._free.pop() if self._free else self._new_pipe()
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                if await self._copy_once(sfd, dfd, add):
+                    return
+                continue
+            r, w = pipe
+            clean = False
+            n = -1
+            try:
+                while True:
+                    try:
+                        n = splice(sfd, w, chunk, flags=flags)
+                    except BlockingIOError:
+                        break
+                    if n == 0:
+                        break
+                    left = n
+                    while left:
+                        try:
+                            left -= splice(r, dfd, left, flags=flags)
+                        except BlockingIOError:
+                            await wait_writable(dfd)
+                    add(n)
+                    await checkpoint()
+                clean = True
+            finally:
+                self._release(pipe, clean=clean)
+            if n == 0:
+                return
+
+    async def _copy_once(self, sfd: int, dfd: int, add: Callable[[int], None]) -> bool:
+        """Move what is readable now without a pipe; True at EOF."""
+        buf = self._fallback._acquire()
+        try:
+            try:
+                n = os.readv(sfd, [buf])
+            except BlockingIOError:
+                return False
+            if n:
+                await _write_all(dfd, buf[:n])
+                add(n)
+            return n == 0
+        finally:
+            self._fallback._release(buf)
+
+
+def make_engine(name: str) -> Engine:
+    """``auto`` picks splice where the kernel has it."""
+    if name == "auto":
+        name = "splice" if sys.platform == "linux" and hasattr(os, "splice") else "copy"
+    return SpliceEngine() if name == "splice" else CopyEngine()
+
+
+async def relay(
+    client: trio.SocketStream,
+    upstream: trio.SocketStream,
+    counters: Counters,
+    engine: Engine,
+    idle_timeout: float,
+) -> OSError | None:
+    """Relay until both directions have seen EOF, the idle timeout passes, or a socket fails.
+
+    Returns the socket error that ended the relay, if any."""
+    failure: OSError | None = None
+    idle = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
+
+    def up(n: int) -> None:
+        counters.bytes_up += n
+        idle.deadline = trio.current_time() + idle_timeout
+
+    def down(n: int) -> None:
+        counters.bytes_down += n
+        idle.deadline = trio.current_time() + idle_timeout
+
+    async def direction(
+        src: trio.SocketStream, dst: trio.SocketStream, add: Callable[[int], None]
+    ) -> None:
+        nonlocal failure
+        try:
+            await engine.pump(src, dst, add)
+            await dst.send_eof()
+        except OSError as exc:
+            failure = failure or exc
+            nursery.cancel_scope.cancel()
+        except trio.ClosedResourceError:
+            nursery.cancel_scope.cancel()
+
+    with idle:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(direction, client, upstream, up)
+            nursery.start_soon(direction, upstream, client, down)
+    return failure

@@ -1,0 +1,118 @@
+"""The top of the process: listeners, the session nursery, accounting (and the admin API).
+
+Shape (STYLE §6): the sessions nursery sits outside the accepting nursery, so stopping means
+"stop accepting, close the listeners, give live sessions ``shutdown_grace`` seconds, cancel
+what is left, flush accounting".
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import trio
+
+from trisocks.accounting import Accountant
+from trisocks.auth import Authenticator
+from trisocks.config import Config
+from trisocks.server.common import format_sockaddr
+from trisocks.server.context import ServerContext
+from trisocks.server.relay import make_engine
+from trisocks.server.session import handle_client
+from trisocks.sessions import SessionRegistry
+from trisocks.store import Store
+
+__all__ = ["serve"]
+
+log = logging.getLogger("trisocks.server")
+
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF = 0.1
+
+
+def build_context(config: Config, store: Store) -> ServerContext:
+    registry = SessionRegistry()
+    return ServerContext(
+        config=config,
+        store=store,
+        registry=registry,
+        authenticator=Authenticator(store),
+        accountant=Accountant(store, registry),
+        engine=make_engine(config.relay_engine),
+    )
+
+
+async def _accept_loop(
+    listener: trio.SocketListener, sessions: trio.Nursery, ctx: ServerContext
+) -> None:
+    out_of_fds = False
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_RESOURCES:
+                raise
+            if not out_of_fds:  # log once per episode, not once per retry
+                log.error("accept: %s; pausing accepts until resources free up", exc.strerror)
+                out_of_fds = True
+            await trio.sleep(ACCEPT_BACKOFF)
+            continue
+        if out_of_fds:
+            log.warning("accept: resources available again")
+            out_of_fds = False
+        if len(ctx.registry) >= ctx.config.max_sessions:
+            ctx.stats.rejected_over_limit += 1
+            await trio.aclose_forcefully(stream)
+            continue
+        sessions.start_soon(handle_client, stream, ctx)
+
+
+async def serve(
+    config: Config,
+    store: Store,
+    *,
+    task_status: trio.TaskStatus[ServerContext] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the proxy until ``ctx.shutdown`` is set; ``task_status.started`` gets the context
+    once every listener is bound (``ctx.listening`` holds their addresses).
+
+    Resource handling: listeners are closed when accepting stops; sessions get
+    ``config.shutdown_grace`` seconds, then are cancelled; accounting is flushed last.
+    """
+    ctx = build_context(config, store)
+    async with trio.open_nursery() as root:
+        root.start_soon(ctx.accountant.run, config.accounting_flush_interval)
+        listeners: list[trio.SocketListener] = []
+        try:
+            for endpoint in config.listen:
+                listeners.extend(await trio.open_tcp_listeners(endpoint.port, host=endpoint.host))
+        except OSError:
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        ctx.listening = [listener.socket.getsockname()[:2] for listener in listeners]
+        for address in ctx.listening:
+            log.info("listening on %s (auth: %s)", format_sockaddr(address), ",".join(config.auth))
+        async with trio.open_nursery() as sessions:
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(_accept_loop, listener, sessions, ctx)
+                await _start_admin(root, ctx)
+                task_status.started(ctx)
+                await ctx.shutdown.wait()
+                accepting.cancel_scope.cancel()
+            for listener in listeners:
+                await listener.aclose()
+            if len(ctx.registry):
+                log.info(
+                    "shutting down: %d live sessions get %.0fs to finish",
+                    len(ctx.registry), config.shutdown_grace,
+                )
+            sessions.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
+        root.cancel_scope.cancel()
+    log.info("stopped")
+
+
+async def _start_admin(root: trio.Nursery, ctx: ServerContext) -> None:
+    """The admin API joins the root nursery (see trisocks.admin)."""
+    return None

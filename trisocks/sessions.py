@@ -1,0 +1,135 @@
+"""Live sessions: one record and one cancel scope per client connection.
+
+Invariants:
+
+1. A session is in the registry exactly while its handler runs (``track`` adds and removes it).
+2. Killing a session is cancelling its scope: every socket it opened is closed by the handler's
+   own ``async with``/``finally`` blocks as the cancellation unwinds them.
+3. Counters only grow. Accounting takes the difference since its last flush (``flushed``), so
+   a byte is persisted exactly once whether the session is still running or has ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import Callable, Iterator
+
+import attrs
+import trio
+
+__all__ = ["Session", "SessionRegistry"]
+
+STATES = ("handshake", "connecting", "relaying", "closing")
+COMMAND_NAMES = {1: "CONNECT", 2: "BIND", 3: "UDP"}
+
+
+@attrs.define(eq=False)
+class Counters:
+    """Payload bytes and datagrams moved, each direction (up: client -> target)."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    datagrams_up: int = 0
+    datagrams_down: int = 0
+
+
+@attrs.define(eq=False)
+class Session:
+    """One client connection, from accept to close."""
+
+    id: str
+    client: str
+    """``host:port`` of the client (``[v6]:port``)."""
+    started_at: float = attrs.field(factory=time.time)
+    """Wall-clock start (seconds since the epoch)."""
+    user: str | None = None
+    command: str | None = None
+    """``CONNECT``, ``BIND`` or ``UDP`` once the request is read."""
+    target: str | None = None
+    """``host:port`` as the client asked."""
+    resolved: str | None = None
+    """``ip:port`` actually used (for BIND: the peer that connected)."""
+    state: str = "handshake"
+    reply: int | None = None
+    """The REP code sent (the final one for BIND), or None if no reply was sent."""
+    close_reason: str | None = None
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    counters: Counters = attrs.field(factory=Counters)
+    flushed: Counters = attrs.field(factory=Counters)
+    """What accounting has already taken of ``counters``."""
+
+    def kill(self, reason: str = "killed") -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+        self.scope.cancel()
+
+
+Listener = Callable[[str, Session], None]
+"""Called with ("start" | "state" | "end", session)."""
+
+
+class SessionRegistry:
+    """The live sessions of this process, by id."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._listeners: list[Listener] = []
+        self.total = 0
+        """Sessions started since the process began."""
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
+
+    def notify(self, event: str, session: Session) -> None:
+        for listener in self._listeners:
+            listener(event, session)
+
+    def set_state(self, session: Session, state: str) -> None:
+        session.state = state
+        self.notify("state", session)
+
+    def _new_id(self) -> str:
+        while (session_id := secrets.token_hex(4)) in self._sessions:
+            pass
+        return session_id
+
+    @contextlib.contextmanager
+    def track(self, client: str) -> Iterator[Session]:
+        """Register a session for the duration of the block and run the block in its scope."""
+        session = Session(self._new_id(), client)
+        self._sessions[session.id] = session
+        self.total += 1
+        self.notify("start", session)
+        try:
+            with session.scope:
+                yield session
+        finally:
+            del self._sessions[session.id]
+            session.state = "closing"
+            self.notify("end", session)
+
+    def kill(self, session_id: str, reason: str = "killed") -> bool:
+        session = self._sessions.get(session_id)
+        if session is None:
+            return False
+        session.kill(reason)
+        return True
+
+    def select(
+        self, predicate: Callable[[Session], bool] = lambda s: True
+    ) -> list[Session]:
+        return [s for s in self._sessions.values() if predicate(s)]
