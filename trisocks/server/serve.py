@@ -7,6 +7,7 @@ what is left, flush accounting".
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 
@@ -80,16 +81,13 @@ async def serve(
     ``config.shutdown_grace`` seconds, then are cancelled; accounting is flushed last.
     """
     ctx = build_context(config, store)
-    async with trio.open_nursery() as root:
+    async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as root:
         root.start_soon(ctx.accountant.run, config.accounting_flush_interval)
         listeners: list[trio.SocketListener] = []
-        try:
-            for endpoint in config.listen:
-                listeners.extend(await trio.open_tcp_listeners(endpoint.port, host=endpoint.host))
-        except OSError:
-            for listener in listeners:
-                await listener.aclose()
-            raise
+        for endpoint in config.listen:
+            for listener in await trio.open_tcp_listeners(endpoint.port, host=endpoint.host):
+                stack.push_async_callback(listener.aclose)
+                listeners.append(listener)
         ctx.listening = [listener.socket.getsockname()[:2] for listener in listeners]
         for address in ctx.listening:
             log.info("listening on %s (auth: %s)", format_sockaddr(address), ",".join(config.auth))
@@ -101,8 +99,7 @@ async def serve(
                 task_status.started(ctx)
                 await ctx.shutdown.wait()
                 accepting.cancel_scope.cancel()
-            for listener in listeners:
-                await listener.aclose()
+            await stack.aclose()  # stop listening before draining
             if len(ctx.registry):
                 log.info(
                     "shutting down: %d live sessions get %.0fs to finish",

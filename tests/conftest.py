@@ -1,0 +1,169 @@
+"""Rules of this suite:
+
+1. Every target is on loopback (127.0.0.1 or ::1); every server a test needs is started by the
+   test (or a fixture) on port 0 and stopped by it.
+2. Async tests run under pytest-trio (``trio_mode``); each has a deadline (``fail_after``) so a
+   hang fails fast instead of stalling CI.
+3. Real sockets for end-to-end behaviour, in-memory streams and the autojump clock for timing.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from trisocks.config import Config, Endpoint
+from trisocks.passwords import hash_password
+from trisocks.server.context import ServerContext
+from trisocks.server.serve import serve
+from trisocks.store import Store
+
+USER, PASSWORD = "alice", "s3cret-pass"
+
+
+def have_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "trisocks.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Store:
+    s = Store(db_path)
+    s.add_user(USER, hash_password(PASSWORD.encode()))
+    yield s
+    s.close()
+
+
+@attrs.define
+class Proxy:
+    """A running trisocks in the test's nursery."""
+
+    ctx: ServerContext
+    host: str
+    port: int
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    async def open_raw(self) -> trio.SocketStream:
+        return await trio.open_tcp_stream(self.host, self.port)
+
+
+def make_config(db_path: Path, **overrides: Any) -> Config:
+    values: dict[str, Any] = {
+        "listen": (Endpoint("127.0.0.1", 0),),
+        "db": db_path,
+        "admin": None,
+        "auth": ("password",),
+    }
+    values.update(overrides)
+    return Config(**values)
+
+
+@pytest.fixture
+def start_proxy(
+    nursery: trio.Nursery, store: Store, db_path: Path
+) -> Callable[..., Any]:
+    """``await start_proxy(**config_overrides)`` -> Proxy (stopped with the test's nursery)."""
+
+    async def start(**overrides: Any) -> Proxy:
+        config = make_config(db_path, **overrides)
+        ctx = await nursery.start(serve, config, store)
+        host, port = ctx.listening[0][:2]
+        return Proxy(ctx, host, port)
+
+    return start
+
+
+@pytest.fixture
+async def proxy(start_proxy: Callable[..., Any]) -> Proxy:
+    return await start_proxy()
+
+
+async def _echo(stream: trio.SocketStream) -> None:
+    try:
+        async for chunk in stream:
+            await stream.send_all(chunk)
+        await stream.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+@pytest.fixture
+async def echo_server(nursery: trio.Nursery) -> tuple[str, int]:
+    """A TCP echo server on 127.0.0.1 that half-closes after the client does."""
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
+    return listeners[0].socket.getsockname()[:2]
+
+
+@pytest.fixture
+async def echo_server6(nursery: trio.Nursery) -> tuple[str, int]:
+    if not have_ipv6():
+        pytest.fail("this machine has no IPv6 loopback; the IPv6 tests need ::1")
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, _echo, 0, host="::1"))
+    return listeners[0].socket.getsockname()[:2]
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = await stream.receive_some(n - len(data))
+        if not chunk:
+            raise EOFError(f"EOF after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
+
+
+async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
+    data = bytearray()
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return bytes(data)
+
+
+async def socks_handshake(
+    stream: trio.SocketStream, user: str | None = USER, password: str | None = PASSWORD
+) -> None:
+    """Greeting and (with a user) RFC 1929 auth, checked byte for byte."""
+    if user is None:
+        await stream.send_all(b"\x05\x01\x00")
+        assert await receive_exactly(stream, 2) == b"\x05\x00"
+        return
+    await stream.send_all(b"\x05\x01\x02")
+    assert await receive_exactly(stream, 2) == b"\x05\x02"
+    u, p = user.encode(), password.encode() if password else b""
+    await stream.send_all(bytes([1, len(u)]) + u + bytes([len(p)]) + p)
+    assert await receive_exactly(stream, 2) == b"\x01\x00"
+
+
+async def read_reply(stream: trio.abc.ReceiveStream) -> tuple[int, bytes, int]:
+    """Read one reply; return (REP, raw address bytes incl. ATYP, port)."""
+    head = await receive_exactly(stream, 4)
+    assert head[0] == 5 and head[2] == 0, head
+    atyp = head[3]
+    if atyp == 1:
+        addr = await receive_exactly(stream, 4)
+    elif atyp == 4:
+        addr = await receive_exactly(stream, 16)
+    else:
+        n = await receive_exactly(stream, 1)
+        addr = n + await receive_exactly(stream, n[0])
+    port = int.from_bytes(await receive_exactly(stream, 2), "big")
+    return head[1], bytes([atyp]) + addr, port
