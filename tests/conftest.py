@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +167,54 @@ async def read_reply(stream: trio.abc.ReceiveStream) -> tuple[int, bytes, int]:
         addr = n + await receive_exactly(stream, n[0])
     port = int.from_bytes(await receive_exactly(stream, 2), "big")
     return head[1], bytes([atyp]) + addr, port
+
+
+@attrs.frozen
+class HttpOrigin:
+    host: str
+    port: int
+    body: bytes
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/blob"
+
+
+async def _serve_blob(body: bytes, stream: trio.SocketStream) -> None:
+    """A minimal HTTP/1.1 server: any GET gets *body*, then the connection closes."""
+    try:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            request += chunk
+        head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        )
+        await stream.send_all(head + body)
+    except (trio.BrokenResourceError, OSError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+BLOB = bytes(range(256)) * (6 * 4096)  # 6 MiB, patterned so a reorder changes the hash
+
+
+@pytest.fixture
+async def http_origin(nursery: trio.Nursery) -> HttpOrigin:
+    """An HTTP server on 127.0.0.1 serving a 6 MiB blob at /blob."""
+    handler = functools.partial(_serve_blob, BLOB)
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    host, port = listeners[0].socket.getsockname()[:2]
+    return HttpOrigin(host, port, BLOB)
+
+
+async def eventually(predicate: Callable[[], object], limit: float = 2.0) -> None:
+    """Wait (polling) until *predicate()* is true; fail after *limit* seconds."""
+    with trio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110 - polls state that has no event to wait on
+            await trio.sleep(0.005)
