@@ -43,6 +43,9 @@ class Engine:
     ) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release pooled resources (buffers, pipes); the engine stays usable."""
+
 
 async def _write_all(fd: int, view: memoryview) -> None:
     while view:
@@ -68,6 +71,9 @@ class CopyEngine(Engine):
     def _release(self, buf: memoryview) -> None:
         if len(self._free) < self._keep:
             self._free.append(buf)
+
+    def close(self) -> None:
+        self._free.clear()
 
     async def pump(
         self, src: trio.SocketStream, dst: trio.SocketStream, add: Callable[[int], None]
@@ -102,6 +108,8 @@ class SpliceEngine(Engine):
         self._keep = keep
         self._free: list[tuple[int, int]] = []
         self._fallback = CopyEngine(chunk=64 * 1024, keep=2)
+        self.fallback_chunks = 0
+        """Chunks copied through a buffer because no pipe could be made (EMFILE/ENFILE)."""
 
     def _new_pipe(self) -> tuple[int, int]:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -121,6 +129,7 @@ class SpliceEngine(Engine):
     def close(self) -> None:
         while self._free:
             self._release(self._free.pop(), clean=False)
+        self._fallback.close()
 
     async def pump(
         self, src: trio.SocketStream, dst: trio.SocketStream, add: Callable[[int], None]
@@ -170,6 +179,7 @@ class SpliceEngine(Engine):
                 n = os.readv(sfd, [buf])
             except BlockingIOError:
                 return False
+            self.fallback_chunks += 1
             if n:
                 await _write_all(dfd, buf[:n])
                 add(n)

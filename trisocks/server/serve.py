@@ -107,6 +107,7 @@ async def serve(
                 )
             sessions.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
         root.cancel_scope.cancel()
+    ctx.engine.close()
     log.info("stopped")
 
 
