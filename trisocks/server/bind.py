@@ -1,13 +1,46 @@
-"""Placeholder until this command is implemented: answers REP 07."""
+"""BIND (RFC 1928 §4): listen, announce, accept the expected peer, announce it, relay.
+
+Rules this module keeps:
+
+1. The listening socket lives on the control connection's local address (the client reached
+   us there, so its peer can too) and is closed as soon as one peer is accepted.
+2. When DST.ADDR is not all zeros, only a peer whose IP is DST.ADDR (any address of it, for a
+   domain) is accepted; any other connection is closed at once and the wait goes on. DST.PORT
+   is not checked: a peer's source port is usually ephemeral.
+3. The wait ends at the first of: an accepted peer, ``bind_timeout`` (second reply REP 06), an
+   accept error (second reply by :func:`reply_for`), or the client closing the control
+   connection (no second reply: nobody is left to read it). Bytes the client sends while it
+   waits are kept and delivered to the peer first.
+4. Every socket is owned by a ``with`` block from the moment it exists, so a session killed at
+   any checkpoint closes all of them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import socket
+
 import trio
 
-from trisocks.protocol import Reply, Request
-from trisocks.server.common import send_reply
+from trisocks.protocol import Address, AddressType, Reply, Request
+from trisocks.server.common import (
+    address_of,
+    announced_address,
+    format_sockaddr,
+    ip_of,
+    open_local_socket,
+    relay_session,
+    send_reply,
+    watch_control,
+)
 from trisocks.server.context import ServerContext
+from trisocks.server.errors import reply_for
 from trisocks.sessions import Session
+
+__all__ = ["handle_bind"]
+
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 async def handle_bind(
@@ -17,4 +50,95 @@ async def handle_bind(
     leftover: bytes,
     ctx: ServerContext,
 ) -> None:
-    await send_reply(stream, session, Reply.COMMAND_NOT_SUPPORTED)
+    """Serve a BIND request: two replies, then relay between the client and its peer."""
+    ctx.registry.set_state(session, "connecting")
+    try:
+        expected = await _expected_peer_ips(request.address)
+        listener = await open_local_socket(stream, socket.SOCK_STREAM)
+    except OSError as exc:
+        session.close_reason = f"bind failed: {exc}"
+        await send_reply(stream, session, reply_for(exc))
+        return
+    early = bytearray(leftover)
+    with contextlib.ExitStack() as owned:
+        with listener:
+            listener.listen(1)
+            await send_reply(
+                stream, session, Reply.SUCCEEDED, announced_address(ctx, listener.getsockname())
+            )
+            try:
+                peer = await _wait_for_peer(stream, listener, expected, early, owned, ctx)
+            except (OSError, trio.TooSlowError) as exc:
+                session.close_reason = f"no peer: {exc}" if str(exc) else "bind timeout"
+                await send_reply(stream, session, reply_for(exc))
+                return
+        if peer is None:
+            session.close_reason = "client closed the control connection while waiting"
+            return
+        peername = peer.socket.getpeername()
+        session.resolved = format_sockaddr(peername)
+        await send_reply(stream, session, Reply.SUCCEEDED, address_of(peername))
+        await relay_session(stream, peer, bytes(early), session, ctx)
+
+
+async def _expected_peer_ips(address: Address) -> frozenset[IP] | None:
+    """The IPs a peer may come from; ``None`` (anyone) when DST.ADDR is all zeros.
+
+    Raises:
+        OSError: a domain DST.ADDR does not resolve (``socket.gaierror``).
+    """
+    if address.atyp != AddressType.DOMAIN:
+        return None if address.is_unspecified else frozenset({ip_of(address.host)})
+    infos = await trio.socket.getaddrinfo(address.host, None, type=socket.SOCK_STREAM)
+    return frozenset(ip_of(str(info[4][0])) for info in infos)
+
+
+async def _wait_for_peer(
+    stream: trio.SocketStream,
+    listener: trio.socket.SocketType,
+    expected: frozenset[IP] | None,
+    early: bytearray,
+    owned: contextlib.ExitStack,
+    ctx: ServerContext,
+) -> trio.SocketStream | None:
+    """Wait for the expected peer while watching the control connection (rule 3).
+
+    Returns:
+        The peer's stream (already owned by *owned*), or ``None`` if the client closed the
+        control connection first.
+    Raises:
+        trio.TooSlowError: no acceptable peer within ``bind_timeout``.
+        OSError: ``accept`` failed.
+    """
+    peer: trio.SocketStream | None = None
+    failure: OSError | trio.TooSlowError | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            await watch_control(stream, early)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        try:
+            with trio.fail_after(ctx.config.bind_timeout):
+                peer = await _accept_expected(listener, expected, owned)
+        except (OSError, trio.TooSlowError) as exc:
+            # Raised from here, not from inside the nursery, so it is not wrapped in a group.
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return peer
+
+
+async def _accept_expected(
+    listener: trio.socket.SocketType, expected: frozenset[IP] | None, owned: contextlib.ExitStack
+) -> trio.SocketStream:
+    """Accept until a connection comes from an expected IP (rule 2); close the others."""
+    while True:
+        sock, sockaddr = await listener.accept()
+        # No checkpoint between accept and here: the socket is always owned by someone.
+        if expected is None or ip_of(sockaddr[0]) in expected:
+            owned.enter_context(sock)
+            return trio.SocketStream(sock)
+        sock.close()

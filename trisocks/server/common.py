@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from trisocks.protocol import Address, Reply, encode_reply
+from trisocks.server.relay import relay
 from trisocks.sessions import Session
 
-__all__ = ["address_of", "format_sockaddr", "send_reply"]
+if TYPE_CHECKING:
+    from trisocks.server.context import ServerContext
+
+__all__ = [
+    "CONTROL_BUFFER_LIMIT",
+    "address_of",
+    "announced_address",
+    "format_sockaddr",
+    "ip_of",
+    "open_local_socket",
+    "relay_session",
+    "send_reply",
+    "watch_control",
+]
+
+CONTROL_BUFFER_LIMIT = 64 * 1024
+"""Bytes :func:`watch_control` keeps for later; beyond it, TCP flow control holds the rest."""
 
 
 def address_of(sockaddr: Any) -> Address:
@@ -33,3 +51,76 @@ async def send_reply(
 
 def family_of(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IP literal, comparable across families: the zone is cut off and an IPv4-mapped IPv6
+    address (a dual-stack socket's view of an IPv4 peer) becomes IPv4."""
+    ip = ipaddress.ip_address(host.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+async def open_local_socket(stream: trio.SocketStream, type: int) -> trio.socket.SocketType:
+    """A socket of *type* bound to the control connection's local address, port 0.
+
+    BIND and UDP ASSOCIATE open theirs there, so the client (and its peer) can reach it the way
+    the client reached us: same interface, same family (an IPv6 tuple keeps its scope id).
+
+    Raises:
+        OSError: the socket cannot be created or bound.
+    """
+    sockname = stream.socket.getsockname()
+    sock = trio.socket.socket(stream.socket.family, type)
+    try:
+        await sock.bind((sockname[0], 0, *sockname[2:]))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def announced_address(ctx: ServerContext, sockaddr: Any) -> Address:
+    """What a BIND or UDP reply names: *sockaddr*, or ``external_address`` with its port when
+    the server sits behind NAT and its local address means nothing to the client."""
+    if ctx.config.external_address is not None:
+        return Address.of(ctx.config.external_address, sockaddr[1])
+    return address_of(sockaddr)
+
+
+async def watch_control(stream: trio.SocketStream, keep: bytearray | None = None) -> None:
+    """Return once the client has closed the control connection (EOF or a socket error).
+
+    Bytes the client sends meanwhile are appended to *keep* (up to
+    :data:`CONTROL_BUFFER_LIMIT`; then reading stops and this waits to be cancelled), or
+    discarded when *keep* is None (UDP ASSOCIATE: nothing is meant to follow the request)."""
+    try:
+        while keep is None or len(keep) < CONTROL_BUFFER_LIMIT:
+            room = CONTROL_BUFFER_LIMIT - len(keep) if keep is not None else CONTROL_BUFFER_LIMIT
+            data = await stream.receive_some(room)
+            if not data:
+                return
+            if keep is not None:
+                keep += data
+    except (OSError, trio.BrokenResourceError):
+        return
+    await trio.sleep_forever()
+
+
+async def relay_session(
+    stream: trio.SocketStream,
+    upstream: trio.SocketStream,
+    leftover: bytes,
+    session: Session,
+    ctx: ServerContext,
+) -> None:
+    """The relaying phase of CONNECT and BIND: what the client sent early goes first, then
+    both directions flow until they end; a socket error becomes the close reason."""
+    ctx.registry.set_state(session, "relaying")
+    if leftover:
+        await upstream.send_all(leftover)
+        session.counters.bytes_up += len(leftover)
+    failure = await relay(stream, upstream, session.counters, ctx.engine, ctx.config.idle_timeout)
+    if failure is not None:
+        session.close_reason = f"relay: {failure.strerror or failure}"

@@ -5,10 +5,9 @@ from __future__ import annotations
 import trio
 
 from trisocks.protocol import Reply, Request
-from trisocks.server.common import address_of, format_sockaddr, send_reply
+from trisocks.server.common import address_of, format_sockaddr, relay_session, send_reply
 from trisocks.server.context import ServerContext
 from trisocks.server.errors import reply_for
-from trisocks.server.relay import relay
 from trisocks.sessions import Session
 
 __all__ = ["handle_connect"]
@@ -39,12 +38,4 @@ async def handle_connect(
         await send_reply(
             stream, session, Reply.SUCCEEDED, address_of(upstream.socket.getsockname())
         )
-        ctx.registry.set_state(session, "relaying")
-        if leftover:
-            await upstream.send_all(leftover)
-            session.counters.bytes_up += len(leftover)
-        failure = await relay(
-            stream, upstream, session.counters, ctx.engine, ctx.config.idle_timeout
-        )
-        if failure is not None:
-            session.close_reason = f"relay: {failure.strerror or failure}"
+        await relay_session(stream, upstream, leftover, session, ctx)
