@@ -170,3 +170,16 @@ def test_serve_process_with_config_file_json_logs_and_clean_stop(
     assert all({"client", "command", "target", "bytes_up", "bytes_down", "duration"} <= s.keys()
                for s in sessions)
     assert "topsecret" not in err and "wrong" not in err.replace("wrong password", "")
+
+
+def test_example_config_names_every_key_and_is_valid() -> None:
+    import tomllib
+
+    from trisocks.config import build_config
+
+    path = Path(__file__).parent.parent / "deploy" / "trisocks.example.toml"
+    text = path.read_text()
+    for key in KEYS:
+        assert f"{key} =" in text, f"{key} is not in the example config"
+    config = build_config(tomllib.loads(text), {})
+    assert config.auth == ("password",) and all(e.is_loopback for e in config.listen)

@@ -30,6 +30,9 @@ from trisocks.sessions import Counters
 __all__ = ["CopyEngine", "Engine", "SpliceEngine", "make_engine", "relay"]
 
 CHUNK = 256 * 1024
+YIELD_EVERY = 1 << 20
+"""Bytes a direction may move without a trio checkpoint while data keeps flowing (a pump that
+waits for data checkpoints anyway); bounds how long one busy session holds the loop."""
 F_SETPIPE_SZ = 1031
 
 
@@ -82,6 +85,7 @@ class CopyEngine(Engine):
         while True:
             await wait_readable(sfd)
             buf = self._acquire()
+            budget = YIELD_EVERY
             try:
                 while True:
                     try:
@@ -92,7 +96,10 @@ class CopyEngine(Engine):
                         return
                     await _write_all(dfd, buf[:n])
                     add(n)
-                    await checkpoint()
+                    budget -= n
+                    if budget <= 0:
+                        budget = YIELD_EVERY
+                        await checkpoint()
             finally:
                 self._release(buf)
 
@@ -149,6 +156,7 @@ class SpliceEngine(Engine):
             r, w = pipe
             clean = False
             n = -1
+            budget = YIELD_EVERY
             try:
                 while True:
                     try:
@@ -164,7 +172,10 @@ class SpliceEngine(Engine):
                         except BlockingIOError:
                             await wait_writable(dfd)
                     add(n)
-                    await checkpoint()
+                    budget -= n
+                    if budget <= 0:
+                        budget = YIELD_EVERY
+                        await checkpoint()
                 clean = True
             finally:
                 self._release(pipe, clean=clean)
