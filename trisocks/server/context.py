@@ -28,7 +28,8 @@ class Stats:
     replies: collections.Counter[int] = attrs.field(factory=collections.Counter)
     """Final REP codes sent."""
     udp_dropped: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    """UDP datagrams dropped, by reason: foreign_source, malformed, fragment, not_allowed."""
+    """UDP datagrams dropped, by reason: foreign_source, malformed, fragment, not_allowed,
+    unreachable (the target did not resolve or the send failed)."""
     reassembled: int = 0
     """UDP fragment sequences reassembled."""
     bytes_up: int = 0
@@ -52,3 +53,5 @@ class ServerContext:
     """Set to stop accepting and drain."""
     listening: list[tuple[str, int]] = attrs.field(factory=list)
     """The SOCKS listeners' real addresses, once bound."""
+    admin_address: tuple[str, int] | None = None
+    """The admin API's real address once it listens; ``None`` while off."""
