@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -218,3 +218,29 @@ async def eventually(predicate: Callable[[], object], limit: float = 2.0) -> Non
     with trio.fail_after(limit):
         while not predicate():  # noqa: ASYNC110 - polls state that has no event to wait on
             await trio.sleep(0.005)
+
+
+class LoopbackResolver(trio.abc.HostnameResolver):
+    """Names under ``.invalid`` never resolve; names under ``.trisocks.test`` resolve to
+    127.0.0.1 (so tests can make the proxy resolve a name no client resolves locally);
+    everything else goes to the system resolver."""
+
+    async def getaddrinfo(self, host: Any, port: Any, *args: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name.endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if name.endswith(".trisocks.test"):
+            host = "127.0.0.1"
+        return await trio.to_thread.run_sync(socket.getaddrinfo, host, port, *args)
+
+    async def getnameinfo(self, sockaddr: Any, flags: int) -> Any:
+        return await trio.to_thread.run_sync(socket.getnameinfo, sockaddr, flags)
+
+
+@pytest.fixture
+async def loopback_dns() -> AsyncIterator[None]:
+    """Install :class:`LoopbackResolver` in this test's trio run. Request it as an argument:
+    pytest-trio does not run async fixtures named only in ``usefixtures``."""
+    trio.socket.set_custom_hostname_resolver(LoopbackResolver())
+    yield
+    trio.socket.set_custom_hostname_resolver(None)

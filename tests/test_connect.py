@@ -225,29 +225,11 @@ async def test_connect_errno_maps_to_reply(proxy: Proxy, code: int, reply: Reply
         await assert_closed(stream)
 
 
-class Resolver(trio.abc.HostnameResolver):
-    """Names ending in .invalid do not resolve; everything else goes to the system."""
-
-    async def getaddrinfo(self, host: Any, port: Any, *args: Any) -> Any:
-        if isinstance(host, bytes | str) and str(
-            host.decode() if isinstance(host, bytes) else host
-        ).endswith(".invalid"):
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return await trio.to_thread.run_sync(socket.getaddrinfo, host, port, *args)
-
-    async def getnameinfo(self, sockaddr: Any, flags: int) -> Any:
-        return await trio.to_thread.run_sync(socket.getnameinfo, sockaddr, flags)
-
-
-async def test_unresolvable_name_is_04(proxy: Proxy) -> None:
-    trio.socket.set_custom_hostname_resolver(Resolver())
-    try:
-        with trio.fail_after(5):
-            stream, rep, _, _ = await request_reply(proxy, connect_request("no-such.invalid", 80))
-            assert rep == Reply.HOST_UNREACHABLE
-            await assert_closed(stream)
-    finally:
-        trio.socket.set_custom_hostname_resolver(None)
+async def test_unresolvable_name_is_04(loopback_dns: None, proxy: Proxy) -> None:
+    with trio.fail_after(5):
+        stream, rep, _, _ = await request_reply(proxy, connect_request("no-such.invalid", 80))
+        assert rep == Reply.HOST_UNREACHABLE
+        await assert_closed(stream)
 
 
 @pytest.fixture
