@@ -242,6 +242,8 @@ async def relay(
 
     with idle:
         async with trio.open_nursery() as nursery:
+            # One direction runs in a child task, the other in this one: an idle session costs
+            # two parked tasks (this one included), not three.
             nursery.start_soon(direction, client, upstream, up)
-            nursery.start_soon(direction, upstream, client, down)
+            await direction(upstream, client, down)
     return failure
