@@ -14,6 +14,7 @@ import logging
 import trio
 
 from trisocks.accounting import Accountant
+from trisocks.admin.revocation import CredentialWatcher
 from trisocks.auth import Authenticator
 from trisocks.config import Config
 from trisocks.server.common import format_sockaddr
@@ -83,6 +84,7 @@ async def serve(
     ctx = build_context(config, store)
     async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as root:
         root.start_soon(ctx.accountant.run, config.accounting_flush_interval)
+        await root.start(CredentialWatcher(ctx).run)
         listeners: list[trio.SocketListener] = []
         for endpoint in config.listen:
             for listener in await trio.open_tcp_listeners(endpoint.port, host=endpoint.host):
@@ -112,5 +114,9 @@ async def serve(
 
 
 async def _start_admin(root: trio.Nursery, ctx: ServerContext) -> None:
-    """The admin API joins the root nursery (see trisocks.admin)."""
-    return None
+    """The admin API joins the root nursery (see trisocks.admin); off when ``admin`` is None."""
+    if ctx.config.admin is None:
+        return
+    from trisocks.admin.server import serve_admin  # Hypercorn and Quart load only when used
+
+    ctx.admin_address = await root.start(serve_admin, ctx)

@@ -1,0 +1,115 @@
+"""``GET /metrics``: Prometheus text, computed at scrape time from the live server state.
+
+A custom collector reads ``ctx.stats``, the session registry and the accountant when scraped,
+so the proxy's hot path updates plain integers and never a metrics library. Per-user series
+keep label cardinality bounded: the ``top_users`` users by bytes get their own series, every
+other user is folded into ``user="(other)"``.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from trisocks.server.context import ServerContext
+
+__all__ = ["OTHER_USERS", "ProxyCollector", "fold_users", "metrics_registry", "relayed_bytes"]
+
+OTHER_USERS = "(other)"
+USER_FIELDS = ("sessions_total", "bytes_up", "bytes_down", "datagrams_up", "datagrams_down")
+
+
+def _counter(name: str, doc: str, labels: list[str], samples: dict[Any, int]) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, value in sorted(samples.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
+    return family
+
+
+def relayed_bytes(ctx: ServerContext) -> tuple[int, int]:
+    """Payload bytes (up, down) since start: ended sessions plus what live ones moved so far."""
+    live = list(ctx.registry)
+    return (ctx.stats.bytes_up + sum(s.counters.bytes_up for s in live),
+            ctx.stats.bytes_down + sum(s.counters.bytes_down for s in live))
+
+
+def fold_users(rows: list[dict[str, Any]], top: int) -> list[dict[str, Any]]:
+    """The *top* users by bytes moved, then one ``(other)`` row summing the rest."""
+    ranked = sorted(rows, key=lambda r: (-(r["bytes_up"] + r["bytes_down"]), r["user"]))
+    kept, rest = ranked[:top], ranked[top:]
+    if rest:
+        sums = {field: sum(r[field] for r in rest) for field in ("active_sessions", *USER_FIELDS)}
+        kept.append({"user": OTHER_USERS, **sums})
+    return kept
+
+
+class ProxyCollector:
+    """A prometheus_client collector over one server's state."""
+
+    def __init__(self, ctx: ServerContext, *, top_users: int = 20) -> None:
+        self._ctx = ctx
+        self._top_users = top_users
+
+    def collect(self) -> Iterator[Metric]:
+        ctx, stats = self._ctx, self._ctx.stats
+        live = list(ctx.registry)
+        sessions = GaugeMetricFamily(
+            "trisocks_sessions", "Live sessions by command (none before the request) and state.",
+            labels=["command", "state"],
+        )
+        by_kind = collections.Counter((s.command or "none", s.state) for s in live)
+        for (command, state), count in sorted(by_kind.items()):
+            sessions.add_metric([command, state], count)
+        yield sessions
+        yield CounterMetricFamily(
+            "trisocks_sessions_started", "Sessions accepted since the server started.",
+            value=ctx.registry.total,
+        )
+        up, down = relayed_bytes(ctx)
+        yield _counter("trisocks_bytes", "Payload bytes relayed (up: client to target).",
+                       ["direction"], {"up": up, "down": down})
+        yield _counter("trisocks_handshake_failures", "Handshakes that failed, by reason.",
+                       ["reason"], dict(stats.handshake_failures))
+        yield _counter("trisocks_udp_datagrams_dropped", "UDP datagrams dropped, by reason.",
+                       ["reason"], dict(stats.udp_dropped))
+        yield CounterMetricFamily("trisocks_udp_reassemblies",
+                                  "UDP fragment sequences reassembled.", value=stats.reassembled)
+        yield CounterMetricFamily(
+            "trisocks_connections_rejected",
+            "Connections closed at accept because max_sessions was reached.",
+            value=stats.rejected_over_limit,
+        )
+        yield _counter("trisocks_replies", "Final SOCKS replies sent, by REP code.", ["rep"],
+                       {f"{rep:02x}": n for rep, n in stats.replies.items()})
+        yield GaugeMetricFamily("trisocks_uptime_seconds", "Seconds since the server started.",
+                                value=trio.current_time() - stats.started_at)
+        yield from self._per_user()
+
+    def _per_user(self) -> Iterator[Metric]:
+        rows = fold_users(self._ctx.accountant.live_usage(), self._top_users)
+        active = GaugeMetricFamily("trisocks_user_active_sessions", "Live sessions per user.",
+                                   labels=["user"])
+        for row in rows:
+            active.add_metric([row["user"]], row["active_sessions"])
+        yield active
+        yield _counter("trisocks_user_sessions", "Sessions per user since the user was created.",
+                       ["user"], {r["user"]: r["sessions_total"] for r in rows})
+        for unit in ("bytes", "datagrams"):
+            yield _counter(
+                f"trisocks_user_{unit}", f"Payload {unit} per user since the user was created.",
+                ["user", "direction"],
+                {(r["user"], way): r[f"{unit}_{way}"] for r in rows for way in ("up", "down")},
+            )
+
+
+def metrics_registry(ctx: ServerContext) -> CollectorRegistry:
+    """A registry of its own per server (the global one would mix servers in one process)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(ctx))
+    return registry

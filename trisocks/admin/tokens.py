@@ -1,0 +1,64 @@
+"""The admin API's bearer token: where it comes from, and checking it.
+
+Order: ``config.admin_token``, then ``$TRISOCKS_ADMIN_TOKEN``, then the file ``admin-token``
+next to the database, created (mode 0600) with a fresh random token when missing. The file is
+reused on the next start, so the token an operator copied keeps working across restarts, and the
+CLI on the same machine can read it. The token itself is never logged, only the file's path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from trisocks.config import Config
+
+__all__ = ["TOKEN_ENV", "check_bearer", "resolve_token", "token_path"]
+
+log = logging.getLogger("trisocks.admin")
+
+TOKEN_ENV = "TRISOCKS_ADMIN_TOKEN"
+
+
+def token_path(db: Path) -> Path:
+    return db.parent / "admin-token"
+
+
+def _read_or_create(path: Path) -> str:
+    try:
+        # O_EXCL: two servers starting at once on one db must not both write a token.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        token = path.read_text().strip()
+        if token:
+            return token
+        raise OSError(f"admin token file {path} is empty; delete it to get a new token") from None
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    log.info("generated a new admin API token in %s", path)
+    return token
+
+
+def resolve_token(config: Config) -> str:
+    """The token the admin API accepts (see the module docstring for the order)."""
+    if config.admin_token:
+        return config.admin_token
+    if env := os.environ.get(TOKEN_ENV):
+        return env
+    path = token_path(config.db)
+    token = _read_or_create(path)
+    log.info("admin API token: in %s", path)
+    return token
+
+
+def check_bearer(authorization: str | None, token: str) -> bool:
+    """True if the ``Authorization`` header carries *token*; constant-time in the token."""
+    scheme, _, given = (authorization or "").partition(" ")
+    # compare_digest on bytes: on str it refuses non-ASCII, which a client could send.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
