@@ -229,3 +229,14 @@ async def test_idle_association_times_out(start_proxy: Callable[..., Any]) -> No
         async with control:
             assert await receive_all(control) == b""  # the server closed the association
         await wait_sessions_ended(proxy)
+
+
+async def test_killing_the_session_ends_the_association(proxy: Proxy) -> None:
+    with trio.fail_after(10):
+        control, _relay = await associate(proxy)
+        async with control:
+            [session] = proxy.ctx.registry.select()
+            assert proxy.ctx.registry.kill(session.id, "admin kill")
+            assert await receive_all(control) == b""
+        await wait_sessions_ended(proxy)
+        assert session.close_reason == "admin kill"
