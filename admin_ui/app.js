@@ -22,18 +22,22 @@ const WINDOW_SECONDS = 300;
 const SAMPLE_MS = 1000;
 const POLL_MS = 5000;
 const TOP_USERS = 6;
+// The API reports counters once a second, as we sample: a rate over one sample would beat
+// between 0 and 2 updates per period. Averaging over three keeps the chart honest and calm.
+const RATE_WINDOW = 3;
 
 const $ = (id) => document.getElementById(id);
 const store = new SessionStore();
 const table = new SessionsTable(store, { onKill: killSession });
-const users = new UsersPanel({ run, refresh: () => poll() });
+const users = new UsersPanel({ run });
 const samples = []; // {t, up, down, active}, one per second for the last WINDOW_SECONDS
 let dirty = true;
-let moved = { up: 0, down: 0, t: 0 };
+let marks = []; // {t, up, down}: bytes moved at each of the last RATE_WINDOW + 1 samples
 let stopEvents = null;
 let timers = [];
 let toastTimer = 0;
 let pollTimer = 0;
+let frameRequest = 0;
 
 table.onChange = () => { dirty = true; };
 $("session-filter").addEventListener("input", (e) => table.setFilter(e.target.value));
@@ -44,7 +48,8 @@ $("login-form").addEventListener("submit", async (event) => {
   try {
     await api.stats();
   } catch (err) {
-    signOut(err instanceof AuthError ? "That token was not accepted." : `Cannot reach the admin API: ${err.message}`);
+    const refused = err instanceof AuthError;
+    signOut(refused ? "That token was not accepted." : `Cannot reach the admin API: ${err.message}`);
     return;
   }
   start();
@@ -57,7 +62,7 @@ function start() {
   $("login").hidden = true;
   $("dashboard").hidden = false;
   $("token").value = "";
-  moved = { up: store.movedUp, down: store.movedDown, t: performance.now() };
+  marks = [{ t: performance.now(), up: store.movedUp, down: store.movedDown }];
   stopEvents = follow({
     onOpen: (sessions) => {
       store.reset(sessions);
@@ -72,12 +77,15 @@ function start() {
       dirty = true;
       if (event !== "update") pollSoon(); // active-session counts per user changed
     },
-    onLost: (err, retryMs) => setLive(false, `Connection to the proxy lost (${err.message}). Reconnecting in ${Math.ceil(retryMs / 1000)} s…`),
+    onLost: (err, retryMs) => {
+      const retry = `Reconnecting in ${Math.ceil(retryMs / 1000)} s…`;
+      setLive(false, `Connection to the proxy lost (${err.message}). ${retry}`);
+    },
     onAuthError: rejected,
   });
   timers = [setInterval(sample, SAMPLE_MS), setInterval(poll, POLL_MS)];
   poll();
-  requestAnimationFrame(frame);
+  frameRequest = requestAnimationFrame(frame);
 }
 
 function signOut(message) {
@@ -86,6 +94,7 @@ function signOut(message) {
   timers.forEach(clearInterval);
   timers = [];
   clearTimeout(pollTimer);
+  cancelAnimationFrame(frameRequest);
   token.clear();
   $("dashboard").hidden = true;
   $("login").hidden = false;
@@ -100,13 +109,12 @@ function rejected() {
 }
 
 function frame() {
-  if (!stopEvents) return;
   if (dirty) {
     dirty = false;
     table.render();
     $("tile-active").textContent = formatCount(store.size);
   }
-  requestAnimationFrame(frame);
+  frameRequest = requestAnimationFrame(frame);
 }
 
 function setLive(live, message = "") {
@@ -114,15 +122,17 @@ function setLive(live, message = "") {
   $("live-text").textContent = live ? "Live" : "Reconnecting…";
   $("banner").textContent = message;
   $("banner").hidden = live;
+  $("dashboard").classList.toggle("offline", !live); // dims what may be out of date
 }
 
 function sample() {
-  const now = performance.now();
-  const seconds = (now - moved.t) / 1000;
-  store.sampleRates(seconds);
-  const up = (store.movedUp - moved.up) / seconds;
-  const down = (store.movedDown - moved.down) / seconds;
-  moved = { up: store.movedUp, down: store.movedDown, t: now };
+  marks.push({ t: performance.now(), up: store.movedUp, down: store.movedDown });
+  if (marks.length > RATE_WINDOW + 1) marks.shift();
+  const [first, previous, last] = [marks[0], marks.at(-2), marks.at(-1)];
+  store.sampleRates((last.t - previous.t) / 1000);
+  const seconds = (last.t - first.t) / 1000;
+  const up = (last.up - first.up) / seconds;
+  const down = (last.down - first.down) / seconds;
   const t = Date.now();
   samples.push({ t, up, down, active: store.size });
   while (samples[0].t < t - WINDOW_SECONDS * 1000) samples.shift();

@@ -43,24 +43,25 @@ export function drawLines(svg, { samples, series, now, windowSeconds, format, bi
   const x = (t) => PAD.left + plotW * (1 - (now - t) / (windowSeconds * 1000));
   const y = (v) => PAD.top + plotH * (1 - v / top);
 
+  const left = PAD.left;
+  const right = width - PAD.right;
   for (let i = 0; i <= 4; i += 1) {
     const value = (top * i) / 4;
-    svg.append(el("line", { class: "grid", x1: PAD.left, x2: width - PAD.right, y1: y(value), y2: y(value) }));
-    svg.append(el("text", { class: "axis", x: PAD.left - 6, y: y(value) + 4, "text-anchor": "end" }, format(value)));
+    svg.append(el("line", { class: "grid", x1: left, x2: right, y1: y(value), y2: y(value) }));
+    svg.append(el("text", { class: "axis", x: left - 6, y: y(value) + 4, "text-anchor": "end" },
+      format(value)));
   }
   for (let minutes = Math.round(windowSeconds / 60); minutes >= 0; minutes -= 1) {
-    const label = minutes ? `−${minutes}m` : "now";
-    const anchor = minutes ? "middle" : "end";
-    svg.append(el("text", { class: "axis", x: x(now - minutes * 60000), y: height - 6, "text-anchor": anchor }, label));
+    const at = { x: x(now - minutes * 60000), y: height - 6, "text-anchor": minutes ? "middle" : "end" };
+    svg.append(el("text", { class: "axis", ...at }, minutes ? `−${minutes}m` : "now"));
   }
   if (samples.length < 2) return;
+  const base = y(0).toFixed(1);
   series.forEach(({ className }, i) => {
-    const points = samples.map((s) => `${x(s.t).toFixed(1)},${y(s.values[i]).toFixed(1)}`);
-    const first = x(samples[0].t).toFixed(1);
-    const last = x(samples.at(-1).t).toFixed(1);
-    const base = y(0);
-    svg.append(el("path", { class: `area ${className}`, d: `M${first},${base}L${points.join("L")}L${last},${base}Z` }));
-    svg.append(el("path", { class: `line ${className}`, d: `M${points.join("L")}` }));
+    const points = samples.map((s) => `${x(s.t).toFixed(1)},${y(s.values[i]).toFixed(1)}`).join("L");
+    const [first, last] = [samples[0], samples.at(-1)].map((s) => x(s.t).toFixed(1));
+    svg.append(el("path", { class: `area ${className}`, d: `M${first},${base}L${points}L${last},${base}Z` }));
+    svg.append(el("path", { class: `line ${className}`, d: `M${points}` }));
   });
 }
 
@@ -68,22 +69,26 @@ export function drawLines(svg, { samples, series, now, windowSeconds, format, bi
 export function drawBars(svg, { bars, format }) {
   const { width, height } = frame(svg);
   if (!bars.length) {
-    svg.append(el("text", { class: "axis", x: width / 2, y: height / 2, "text-anchor": "middle" }, "No traffic yet"));
+    const middle = { x: width / 2, y: height / 2, "text-anchor": "middle" };
+    svg.append(el("text", { class: "axis", ...middle }, "No traffic yet"));
     return;
   }
   const labelW = 84;
   const valueW = 70;
   const rowH = Math.min(26, (height - 8) / bars.length);
+  const barH = rowH * 0.62;
   const peak = Math.max(1, ...bars.map((b) => b.values[0] + b.values[1]));
   const scale = (width - labelW - valueW) / peak;
   bars.forEach(({ label, values: [up, down] }, i) => {
-    const top = 4 + i * rowH;
-    const barH = rowH * 0.62;
-    const middle = top + rowH / 2;
-    const name = label.length > 12 ? `${label.slice(0, 11)}…` : label;
-    svg.append(el("text", { class: "bar-label", x: labelW - 8, y: middle + 4, "text-anchor": "end" }, name));
-    svg.append(el("rect", { class: "bar up", x: labelW, y: middle - barH / 2, width: up * scale, height: barH, rx: 2 }));
-    svg.append(el("rect", { class: "bar down", x: labelW + up * scale, y: middle - barH / 2, width: down * scale, height: barH, rx: 2 }));
-    svg.append(el("text", { class: "axis", x: labelW + (up + down) * scale + 6, y: middle + 4 }, format(up + down)));
+    const middle = 4 + (i + 0.5) * rowH;
+    const bar = { y: middle - barH / 2, height: barH, rx: 2 };
+    const name = el("text", { class: "bar-label", x: labelW - 8, y: middle + 4, "text-anchor": "end" },
+      label.length > 12 ? `${label.slice(0, 11)}…` : label);
+    name.append(el("title", {}, label));
+    svg.append(name);
+    svg.append(el("rect", { class: "bar up", x: labelW, width: up * scale, ...bar }));
+    svg.append(el("rect", { class: "bar down", x: labelW + up * scale, width: down * scale, ...bar }));
+    svg.append(el("text", { class: "axis", x: labelW + (up + down) * scale + 6, y: middle + 4 },
+      format(up + down)));
   });
 }

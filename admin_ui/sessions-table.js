@@ -7,21 +7,26 @@ import { formatBytes, formatDuration, formatRate } from "./format.js";
 const PAGE_SIZE = 50;
 const dash = (v) => v ?? "—";
 
+const age = (r, now) => now - Date.parse(r.session.started_at); // ms
+
+// value: what sorting compares; text: what the cell shows (value itself when absent).
 const COLUMNS = [
   { key: "id", label: "ID", value: (r) => r.session.id },
   { key: "user", label: "User", value: (r) => r.session.user ?? "", text: (r) => dash(r.session.user) },
   { key: "client", label: "Client", value: (r) => r.session.client },
   { key: "command", label: "Command", value: (r) => dash(r.session.command) },
-  { key: "target", label: "Target", value: (r) => r.session.target ?? "", text: (r) => dash(r.session.target) },
+  { key: "target", label: "Target", value: (r) => r.session.target ?? "",
+    text: (r) => dash(r.session.target) },
   { key: "state", label: "State", value: (r) => r.session.state },
-  // Sorting by age ascending lists the newest first.
-  { key: "age", label: "Age", num: true, value: (r, now) => now - Date.parse(r.session.started_at),
-    text: (r, now) => formatDuration((now - Date.parse(r.session.started_at)) / 1000) },
-  { key: "bytes_up", label: "Up", num: true, largestFirst: true, value: (r) => r.session.bytes_up,
-    text: (r) => formatBytes(r.session.bytes_up) },
-  { key: "bytes_down", label: "Down", num: true, largestFirst: true, value: (r) => r.session.bytes_down,
-    text: (r) => formatBytes(r.session.bytes_down) },
-  { key: "rate", label: "Throughput", num: true, largestFirst: true, value: (r) => r.rateUp + r.rateDown,
+  // Age ascending (the default sort) lists the newest first.
+  { key: "age", label: "Age", num: true, value: age,
+    text: (r, now) => formatDuration(age(r, now) / 1000) },
+  { key: "bytes_up", label: "Up", num: true, largestFirst: true,
+    value: (r) => r.session.bytes_up, text: (r) => formatBytes(r.session.bytes_up) },
+  { key: "bytes_down", label: "Down", num: true, largestFirst: true,
+    value: (r) => r.session.bytes_down, text: (r) => formatBytes(r.session.bytes_down) },
+  { key: "rate", label: "Throughput", num: true, largestFirst: true,
+    value: (r) => r.rateUp + r.rateDown,
     text: (r) => `↑ ${formatRate(r.rateUp)}  ↓ ${formatRate(r.rateDown)}` },
 ];
 const TARGET = COLUMNS.findIndex((c) => c.key === "target");

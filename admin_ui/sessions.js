@@ -1,7 +1,7 @@
 // The live sessions, keyed by id, as the API reports them, plus what the page derives:
 // per-session throughput and the bytes moved by all sessions (for the throughput chart).
 
-const SMOOTHING = 0.5; // weight of the newest second in the per-session rate
+const SMOOTHING = 0.3; // weight of the newest second in the per-session rate (counters come ~1/s)
 
 export class SessionStore {
   constructor() {

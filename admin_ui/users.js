@@ -13,12 +13,11 @@ const ACTIONS = [
 ];
 
 export class UsersPanel {
-  /** run(promise, doneMessage) reports the outcome (see app.js); refresh() reloads the table. */
-  constructor({ run, refresh }) {
+  /** run(promise, doneMessage) reports the outcome and reloads the table (see app.js). */
+  constructor({ run }) {
     this.body = document.querySelector("#users tbody");
     this.dialog = document.getElementById("password-dialog");
     this.run = run;
-    this.refresh = refresh;
 
     const form = document.getElementById("add-user");
     form.addEventListener("submit", async (event) => {
@@ -87,7 +86,6 @@ export class UsersPanel {
       const password = await this.#askPassword(name);
       if (password) await this.run(api.setPassword(name, password), `Password of ${name} changed.`);
     }
-    this.refresh();
   }
 
   #askPassword(name) {

@@ -8,12 +8,13 @@ waiting for the client to see its connection end.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import socket
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ CHROMIUM_ARGS = [
 TOKEN = "dashboard-test-token"
 SCREENSHOT = Path(__file__).parents[1] / "test-artifacts" / "dashboard.png"
 CHUNK, PERIOD = 2048, 0.05  # the slow target sends 2 KiB every 50 ms (~40 KiB/s)
+TIMEOUT_MS = 10_000
+"""Every Playwright wait; bounds the worker thread, which trio cannot cancel."""
+expect.set_options(timeout=TIMEOUT_MS)
 UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 
@@ -92,9 +96,9 @@ async def ends_within(transfer: Transfer, seconds: float) -> None:
         await transfer.ended.wait()
 
 
-def size_in_bytes(text: str) -> float:
-    """The dashboard's "12.5 KiB" back to a number."""
-    value, unit = text.split()
+def bytes_down(row: Any) -> float:
+    """A session row's "Down" cell ("12.5 KiB") back to a number."""
+    value, unit = row.locator("td.col-bytes_down").inner_text().split()
     return float(value) * UNITS[unit]
 
 
@@ -104,6 +108,29 @@ def wait_for_growth(read: Callable[[], float], timeout: float = 10) -> None:
     while read() <= first:
         assert time.monotonic() < deadline, f"stayed at {first} for {timeout}s"
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def open_page(chromium: Path, origin: str) -> Iterator[Page]:
+    """The dashboard at *origin* in a fresh Chromium; on exit, checks that the page made no
+    request to any other host (no CDN, no fonts, nothing)."""
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            hosts: set[str] = set()
+            page.on("request", lambda r: hosts.add(urllib.parse.urlsplit(r.url).netloc))
+            page.goto(f"http://{origin}/")
+            yield page
+            assert hosts == {origin}, f"requests to other hosts: {hosts - {origin}}"
+        finally:
+            browser.close()
+
+
+def sign_in(page: Page, token: str) -> None:
+    page.get_by_label("Admin token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
 
 
 def session_row(page: Page, transfer: Transfer) -> Any:
@@ -138,62 +165,45 @@ async def test_dashboard_live_sessions_kill_and_user_management(
         return transfer
 
     def scenario() -> None:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1440, "height": 1000})
-                page.set_default_timeout(10_000)
-                expect.set_options(timeout=10_000)
-                hosts: set[str] = set()
-                page.on("request", lambda r: hosts.add(urllib.parse.urlsplit(r.url).netloc))
-                run_scenario(page)
-                assert hosts == {origin}, f"requests to other hosts: {hosts - {origin}}"
-            finally:
-                browser.close()
+        with open_page(chromium, origin) as page:
+            # A wrong token is refused (401) and the login form says so.
+            sign_in(page, "not-the-token")
+            expect(page.locator("#login-error")).to_contain_text("not accepted")
+            sign_in(page, TOKEN)
+            expect(page.locator("#live-text")).to_have_text("Live")
+            assert TOKEN not in page.url
 
-    def run_scenario(page: Page) -> None:
-        page.goto(f"http://{origin}/")
+            # A slow transfer appears, and its byte count grows.
+            doomed = transfer_as(USER, PASSWORD)
+            survivor = transfer_as(USER, PASSWORD)
+            row = session_row(page, doomed)
+            expect(row).to_have_count(1)
+            expect(row.locator("td.col-user")).to_have_text(USER)
+            expect(row.locator("td.col-target")).to_have_text(f"{target[0]}:{target[1]}")
+            expect(row.locator("td.col-state")).to_have_text("relaying")
+            wait_for_growth(lambda: bytes_down(row))
 
-        # A wrong token is refused (401) and the login form says so.
-        page.get_by_label("Admin token").fill("not-the-token")
-        page.get_by_role("button", name="Sign in").click()
-        expect(page.locator("#login-error")).to_contain_text("not accepted")
-        page.get_by_label("Admin token").fill(TOKEN)
-        page.get_by_role("button", name="Sign in").click()
-        expect(page.locator("#live-text")).to_have_text("Live")
-        assert TOKEN not in page.url
+            # Kill: confirm the dialog; the client's connection ends and the row leaves.
+            page.once("dialog", lambda dialog: dialog.accept())
+            row.get_by_role("button", name="Kill").click()
+            trio.from_thread.run(ends_within, doomed, 2)
+            expect(row).to_have_count(0)
+            expect(session_row(page, survivor)).to_have_count(1)
+            assert not survivor.ended.is_set()
 
-        # A slow transfer appears, and its byte count grows.
-        doomed = transfer_as(USER, PASSWORD)
-        survivor = transfer_as(USER, PASSWORD)
-        row = session_row(page, doomed)
-        expect(row).to_have_count(1)
-        expect(row.locator("td.col-user")).to_have_text(USER)
-        expect(row.locator("td.col-target")).to_have_text(f"{target[0]}:{target[1]}")
-        expect(row.locator("td.col-state")).to_have_text("relaying")
-        wait_for_growth(lambda: size_in_bytes(row.locator("td.col-bytes_down").inner_text()))
+            # A user added through the UI can authenticate through the proxy.
+            form = page.locator("#add-user")
+            form.get_by_label("User").fill("bob")
+            form.get_by_label("Password").fill("bobs-password")
+            form.get_by_role("button", name="Add user").click()
+            expect(page.locator("#users tbody tr[data-user=bob]")).to_have_count(1)
+            bob = transfer_as("bob", "bobs-password")
+            bob_row = session_row(page, bob)
+            expect(bob_row.locator("td.col-user")).to_have_text("bob")
+            wait_for_growth(lambda: bytes_down(bob_row))
 
-        # Kill: confirm the dialog; the client's connection ends and the row leaves.
-        page.once("dialog", lambda dialog: dialog.accept())
-        row.get_by_role("button", name="Kill").click()
-        trio.from_thread.run(ends_within, doomed, 2)
-        expect(row).to_have_count(0)
-        expect(session_row(page, survivor)).to_have_count(1)
-        assert not survivor.ended.is_set()
-
-        # A user added through the UI can authenticate through the proxy.
-        form = page.locator("#add-user")
-        form.get_by_label("User").fill("bob")
-        form.get_by_label("Password").fill("bobs-password")
-        form.get_by_role("button", name="Add user").click()
-        expect(page.locator("#users tbody tr[data-user=bob]")).to_have_count(1)
-        bob = transfer_as("bob", "bobs-password")
-        bob_row = session_row(page, bob)
-        expect(bob_row.locator("td.col-user")).to_have_text("bob")
-        wait_for_growth(lambda: size_in_bytes(bob_row.locator("td.col-bytes_down").inner_text()))
-
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.screenshot(path=SCREENSHOT, full_page=True)
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=SCREENSHOT, full_page=True)
 
     try:
         with trio.fail_after(90):
@@ -201,3 +211,37 @@ async def test_dashboard_live_sessions_kill_and_user_management(
     finally:
         for transfer in transfers:
             await transfer.stream.aclose()
+
+
+async def test_dashboard_reconnects_when_the_admin_server_comes_back(
+    start_proxy: Callable[..., Any], chromium: Path
+) -> None:
+    first: Proxy = await start_proxy(admin=Endpoint("127.0.0.1", 0), admin_token=TOKEN)
+    assert first.ctx.admin_address is not None
+    host, port = first.ctx.admin_address[:2]
+
+    async def restart() -> None:
+        # The first server is gone once its port refuses connections; then take the same port.
+        while True:
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError:
+                break
+            await stream.aclose()
+            await trio.sleep(0.05)
+        await start_proxy(admin=Endpoint(host, port), admin_token=TOKEN)
+
+    def scenario() -> None:
+        with open_page(chromium, f"{host}:{port}") as page:
+            sign_in(page, TOKEN)
+            expect(page.locator("#live-text")).to_have_text("Live")
+            trio.from_thread.run_sync(first.ctx.shutdown.set)
+            expect(page.locator("#banner")).to_contain_text("Connection to the proxy lost")
+            expect(page.locator("#live-text")).to_have_text("Reconnecting…")
+            trio.from_thread.run(restart)
+            expect(page.locator("#banner")).to_be_hidden()
+            expect(page.locator("#live-text")).to_have_text("Live")
+            expect(page.locator("#dashboard")).to_be_visible()  # still signed in
+
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(scenario)
