@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,15 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import PASSWORD, USER, Proxy, make_config, receive_exactly
+from tests.conftest import (
+    PASSWORD,
+    USER,
+    Proxy,
+    make_config,
+    read_reply,
+    receive_exactly,
+    socks_handshake,
+)
 from tests.test_admin_support import (
     ADMIN,
     TOKEN,
@@ -105,6 +114,36 @@ async def test_kill_closes_every_socket_within_100ms(
         await stream.aclose()
         # A pooled pipe with unsent data is closed rather than reused: fewer fds, never more.
         assert fd_count() <= baseline
+
+
+@pytest.mark.parametrize(("request_", "proxy_sockets"), [
+    (b"\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x00", 2),  # BIND from 127.0.0.1: control, listener
+    (b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00", 3),  # UDP: control, relay, outbound
+], ids=["BIND", "UDP"])
+async def test_kill_closes_bind_listener_and_udp_sockets_within_100ms(
+    admin_proxy: Proxy, api: httpx.AsyncClient, request_: bytes, proxy_sockets: int
+) -> None:
+    with trio.fail_after(10), trio.socket.socket(type=socket.SOCK_DGRAM) as udp_client:
+        await udp_client.bind(("127.0.0.1", 0))
+        await api.get("/healthz")  # the client's pooled connection is part of the baseline
+        sockets = socket_count()
+        control = await admin_proxy.open_raw()
+        async with control:
+            await socks_handshake(control)
+            await control.send_all(request_)
+            rep, _, port = await read_reply(control)
+            assert rep == 0
+            if request_[1] == 3:  # a datagram to anywhere makes the outbound socket
+                datagram = b"\x00\x00\x00\x01\x7f\x00\x00\x01\x00\x09" + b"discard me"
+                await udp_client.sendto(datagram, ("127.0.0.1", port))
+            await eventually(lambda: socket_count() == sockets + 1 + proxy_sockets)
+            (session,) = (await api.get("/api/sessions")).json()["sessions"]
+            started = trio.current_time()
+            await api.delete(f"/api/sessions/{session['id']}")
+            await eventually(lambda: socket_count() == sockets + 1, interval=0.002)
+            assert trio.current_time() - started < 0.1
+            await wait_closed(control)
+        assert socket_count() == sockets
 
 
 async def test_delete_selection_by_filters(

@@ -6,13 +6,17 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
-from tests.conftest import USER, Proxy
+from tests.conftest import USER, Proxy, make_config
 from tests.test_admin_support import (
+    ADMIN,
     TOKEN,
     EventStream,
     admin_proxy,
@@ -24,6 +28,8 @@ from tests.test_admin_support import (
     wait_closed,
 )
 from trisocks.admin.events import EventHub
+from trisocks.admin.server import GRACEFUL_TIMEOUT
+from trisocks.server.serve import serve
 from trisocks.sessions import Session, SessionRegistry
 
 __all__ = ["admin_proxy", "api"]  # fixtures used by name
@@ -154,3 +160,23 @@ async def test_stalled_admin_clients_do_not_delay_the_proxy(
             # And the admin server still answers others meanwhile.
             async with httpx.AsyncClient(base_url=admin_url(admin_proxy)) as client:
                 assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_shutdown_ends_open_event_streams(
+    nursery: trio.Nursery, store: Any, db_path: Path
+) -> None:
+    config = make_config(db_path, admin=ADMIN, admin_token=TOKEN)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as run:
+            ctx = await run.start(serve, config, store)
+            events = await EventStream.open(Proxy(ctx, *ctx.listening[0]))
+            try:
+                assert await events.next_event() == ("start", [])
+                started = trio.current_time()
+                ctx.shutdown.set()
+                with pytest.raises(EOFError):
+                    await events.next_event()
+            finally:
+                await events.aclose()
+        # Well inside Hypercorn's graceful timeout: the stream did not hold the stop up.
+        assert trio.current_time() - started < GRACEFUL_TIMEOUT

@@ -33,13 +33,14 @@ def _read_or_create(path: Path) -> str:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         token = path.read_text().strip()
-        if token:
-            return token
-        raise OSError(f"admin token file {path} is empty; delete it to get a new token") from None
+        if not token:
+            raise OSError(f"admin token file {path} is empty; delete it for a new token") from None
+        log.info("admin API token: in %s", path)
+        return token
     token = secrets.token_urlsafe(32)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
-    log.info("generated a new admin API token in %s", path)
+    log.info("admin API token: generated, in %s", path)
     return token
 
 
@@ -49,10 +50,7 @@ def resolve_token(config: Config) -> str:
         return config.admin_token
     if env := os.environ.get(TOKEN_ENV):
         return env
-    path = token_path(config.db)
-    token = _read_or_create(path)
-    log.info("admin API token: in %s", path)
-    return token
+    return _read_or_create(token_path(config.db))
 
 
 def check_bearer(authorization: str | None, token: str) -> bool:
