@@ -180,3 +180,20 @@ async def test_shutdown_ends_open_event_streams(
                 await events.aclose()
         # Well inside Hypercorn's graceful timeout: the stream did not hold the stop up.
         assert trio.current_time() - started < GRACEFUL_TIMEOUT
+
+
+async def test_a_thousand_busy_sessions_make_one_update_per_second(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    registry = SessionRegistry()
+    hub = EventHub(registry)
+    await nursery.start(hub.run)
+    with contextlib.ExitStack() as stack, hub.subscribe() as events:
+        sessions = [stack.enter_context(live_session(registry)) for _ in range(1000)]
+        await trio.sleep(0.3)
+        assert [(name, len(ids)) for name, ids in drain(events)] == [("start", 0), ("start", 1000)]
+        for _ in range(10):
+            for s in sessions:
+                s.counters.bytes_down += 1
+            await trio.sleep(0.1)
+        assert [(name, len(ids)) for name, ids in drain(events)] == [("update", 1000)]
