@@ -27,7 +27,8 @@ function niceCeiling(value, binary) {
   const unit = binary && value >= 1024 ? 1024 ** Math.floor(Math.log(value) / Math.log(1024)) : 1;
   const scaled = Math.max(1, value / unit);
   const power = 10 ** Math.floor(Math.log10(scaled));
-  return unit * [1, 2, 5, 10].map((m) => m * power).find((v) => v >= scaled);
+  const step = [1, 2, 5, 10].map((m) => m * power).find((v) => v >= scaled);
+  return unit * (binary && step === 1000 ? 1024 : step); // "1 MiB/s", not "1000 KiB/s"
 }
 
 /**
