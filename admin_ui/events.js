@@ -9,6 +9,9 @@ import { AuthError, authHeaders, checkStatus } from "./api.js";
 
 const MIN_DELAY = 1000;
 const MAX_DELAY = 30000;
+// The server sends a keepalive comment every 15 s; a stream silent for longer than this is
+// taken for dead (a connection that vanished without closing) and reopened.
+const SILENCE_LIMIT = 45000;
 
 async function openEvents(signal) {
   const headers = { ...authHeaders(), Accept: "text/event-stream" };
@@ -21,7 +24,20 @@ async function* parse(reader) {
   let event = "message";
   let data = [];
   for (;;) {
-    const { value, done } = await reader.read();
+    let timer;
+    const silence = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error("the event stream went silent")), SILENCE_LIMIT);
+    });
+    let chunk;
+    try {
+      chunk = await Promise.race([reader.read(), silence]);
+    } catch (err) {
+      reader.cancel().catch(() => {});
+      throw err;
+    } finally {
+      clearTimeout(timer);
+    }
+    const { value, done } = chunk;
     if (done) return;
     buffer += value;
     const lines = buffer.split(/\r\n|\r|\n/);

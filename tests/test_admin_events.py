@@ -197,3 +197,17 @@ async def test_a_thousand_busy_sessions_make_one_update_per_second(
                 s.counters.bytes_down += 1
             await trio.sleep(0.1)
         assert [(name, len(ids)) for name, ids in drain(events)] == [("update", 1000)]
+
+
+async def test_quiet_stream_gets_keepalive_comments(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With nothing to report, every subscriber still hears from the server every 15 s, so
+    the dashboard can tell a quiet stream from a connection that died silently."""
+    hub = EventHub(SessionRegistry())
+    await nursery.start(hub.run)
+    with hub.subscribe() as events:
+        assert drain(events) == [("start", [])]
+        start = trio.current_time()
+        assert await events.receive() == b": keepalive\n\n"
+        assert 15 <= trio.current_time() - start <= 15.5

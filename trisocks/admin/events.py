@@ -32,6 +32,10 @@ from trisocks.sessions import Session, SessionRegistry
 __all__ = ["EventHub"]
 
 
+KEEPALIVE_INTERVAL = 15.0
+"""Seconds between SSE comment lines sent to every subscriber even when nothing changes."""
+
+
 def _fingerprint(session: Session) -> tuple[Any, ...]:
     return (session.state, session.user, session.command, session.target, session.resolved,
             attrs.astuple(session.counters))
@@ -109,13 +113,19 @@ class EventHub:
         self._announced = {s: _fingerprint(s) for s in self._registry}
         task_status.started()
         next_update = trio.current_time() + self._update_interval
+        next_ping = trio.current_time() + KEEPALIVE_INTERVAL
         try:
             while not self._closed:
                 await trio.sleep(self._batch_interval)
-                with_updates = trio.current_time() >= next_update
+                now = trio.current_time()
+                with_updates = now >= next_update
                 if with_updates:
                     next_update += self._update_interval
                 messages = self._changes(with_updates=with_updates)
+                if now >= next_ping:
+                    # a comment line: lets a client tell a quiet stream from a dead one
+                    messages.append(b": keepalive\n\n")
+                    next_ping = now + KEEPALIVE_INTERVAL
                 if messages and self._subscribers:
                     self._broadcast(messages)
         finally:
