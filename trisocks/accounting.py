@@ -94,6 +94,17 @@ class Accountant:
         finally:
             self.flush()
 
+    def unflushed_bytes(self, name: str) -> int:
+        """Payload bytes of *name* (both directions) not in the store yet: pending for the
+        next flush plus what its live sessions moved since their last flush."""
+        p = self._pending.get(name, _Pending())
+        total = p.bytes_up + p.bytes_down
+        for session in self.registry:
+            if session.user == name:
+                c, f = session.counters, session.flushed
+                total += c.bytes_up - f.bytes_up + c.bytes_down - f.bytes_down
+        return total
+
     def live_usage(self, name: str | None = None) -> list[dict[str, object]]:
         """Persisted totals plus what is pending and what live sessions have moved."""
         rows: dict[str, UserUsage] = {u.user: u for u in self.store.usage(name)}
@@ -120,7 +131,8 @@ class Accountant:
             result.append({
                 "user": user,
                 "active_sessions": active.get(user, 0),
-                "sessions_total": base.sessions_total + p.sessions,
+                # running sessions count too: they are added to the store when they end
+                "sessions_total": base.sessions_total + p.sessions + active.get(user, 0),
                 "bytes_up": base.bytes_up + p.bytes_up + e.bytes_up,
                 "bytes_down": base.bytes_down + p.bytes_down + e.bytes_down,
                 "datagrams_up": base.datagrams_up + p.datagrams_up + e.datagrams_up,

@@ -6,9 +6,11 @@ Bad input never gets a traceback: the message names the problem and the exit sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -17,6 +19,7 @@ import trio
 from trisocks.config import KEYS, Config, ConfigError, build_config, default_db_path, load_file
 from trisocks.logs import setup_logging
 from trisocks.passwords import hash_password
+from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, parse_size
 from trisocks.store import Store, StoreError
 
 __all__ = ["main"]
@@ -49,6 +52,20 @@ SERVE_HELP: dict[str, tuple[str, str]] = {
     "accounting_flush_interval": ("SECONDS", "how often live counters are written to the db "
                                   "(default 2)"),
     "max_sessions": ("N", "sessions at once; more connections are closed (default 10000)"),
+    "rules": ("FILE", "access rules: a TOML file of [[rules]] tables (in the config file, "
+              "[[rules]] may also be written inline); default: allow all but the admin "
+              "endpoint and link-local addresses"),
+    "rules_default": ("ACTION", "allow or deny what no rule matches (default allow)"),
+    "groups": ("GROUPS", "user groups for rules, as NAME=USER,USER;NAME=USER (in the file: "
+               "a [groups] table)"),
+    "max_sessions_per_user": ("N", "sessions at once per user; more get REP 02 (default off)"),
+    "max_handshakes": ("N", "handshakes in flight; more connections are closed (default 1000)"),
+    "connection_rate": ("PER_SECOND", "new connections per second per client IP, bursts "
+                        "of twice that; more are closed (default off)"),
+    "auth_failure_limit": ("N", "failed logins in a row per client IP before it must wait "
+                           "1 s, doubling per failure; 'off' to disable (default 5)"),
+    "auth_backoff_max": ("SECONDS", "longest wait after failed logins (default 300)"),
+    "max_session_duration": ("SECONDS", "end sessions after this long (default off)"),
 }
 assert SERVE_HELP.keys() == KEYS.keys(), "every config key needs a flag"
 
@@ -86,9 +103,10 @@ def _add_serve(sub: Any) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
-_NUMERIC = {
-    key for key, conv in KEYS.items()
-    if key.endswith(("_timeout", "_grace", "_interval")) or key == "max_sessions"
+_INTEGER = {"max_sessions", "max_sessions_per_user", "max_handshakes", "auth_failure_limit"}
+_NUMERIC = _INTEGER | {
+    key for key in KEYS
+    if key.endswith(("_timeout", "_grace", "_interval", "_rate", "_max", "_duration"))
 }
 
 
@@ -96,19 +114,28 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key in KEYS:
         value = getattr(args, key, None)
-        if value is not None and key in _NUMERIC:
+        if value is not None and key in _NUMERIC and value != "off":
             try:
-                value = int(value) if key == "max_sessions" else float(value)
+                value = int(value) if key in _INTEGER else float(value)
             except ValueError:
                 _fail(f"--{key.replace('_', '-')}: {value!r} is not a number")
         values[key] = value
     return values
 
 
+def read_config(args: argparse.Namespace) -> Config:
+    """The config from the file (read now) and the flags.
+
+    Raises:
+        ConfigError: naming the key at fault.
+    """
+    file_values = load_file(args.config) if args.config else {}
+    return build_config(file_values, _flag_values(args))
+
+
 def load_config(args: argparse.Namespace) -> Config:
     try:
-        file_values = load_file(args.config) if args.config else {}
-        return build_config(file_values, _flag_values(args))
+        return read_config(args)
     except ConfigError as exc:
         _fail(str(exc))
 
@@ -131,7 +158,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        trio.run(_run_until_signal, config, store)
+        trio.run(_run_until_signal, config, store, lambda: read_config(args))
     except OSError as exc:
         _fail(f"cannot listen: {exc.strerror or exc}")
     finally:
@@ -139,17 +166,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_until_signal(config: Config, store: Store) -> None:
+async def _run_until_signal(
+    config: Config, store: Store, reread: Callable[[], Config]
+) -> None:
+    """Serve until SIGINT or SIGTERM; SIGHUP reloads (a broken config is logged and ignored)."""
+    from trisocks.server.reload import reload_config
     from trisocks.server.serve import serve
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             ctx = await nursery.start(serve, config, store)
+            ctx.load_config = reread
 
             async def watch() -> None:
-                async for _ in signals:
-                    ctx.shutdown.set()
-                    return
+                async for signum in signals:
+                    if signum != signal.SIGHUP:
+                        ctx.shutdown.set()
+                        return
+                    with contextlib.suppress(ConfigError):  # logged; the old config stays
+                        reload_config(ctx)
 
             nursery.start_soon(watch)
             await ctx.shutdown.wait()
@@ -188,6 +223,8 @@ def _cmd_user(args: argparse.Namespace) -> int:
         elif args.user_command == "remove":
             store.remove_user(args.name)
             print(f"removed user {args.name}")
+        elif args.user_command == "limits":
+            _user_limits(store, args)
         else:
             for name in store.users():
                 print(name)
@@ -198,17 +235,64 @@ def _cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit_value(field: str, text: str) -> int | float | None:
+    if text == "off":
+        return None
+    try:
+        if field == "max_session_duration":
+            value: int | float = float(text)
+        else:
+            value = int(text) if field == "max_sessions" else parse_size(text)
+    except ValueError:
+        _fail(f"--{field.replace('_', '-')}: {text!r} is not a number or size")
+    if value <= 0:
+        _fail(f"--{field.replace('_', '-')}: must be greater than 0 (or 'off')")
+    return value
+
+
+def _user_limits(store: Store, args: argparse.Namespace) -> None:
+    """Change the limits given as flags (``off`` clears one), then print all of them.
+
+    A running server applies them within a second (quota and rate) or from the user's next
+    request (sessions, duration)."""
+    if not store.has_user(args.name):
+        raise StoreError(f"no user {args.name!r}")
+    limits = store.user_limits(args.name)
+    changes = {f: _limit_value(f, getattr(args, f)) for f in LIMIT_FIELDS
+               if getattr(args, f) is not None}
+    if changes:
+        limits = UserLimits(**{**limits.as_dict(), **changes})
+        store.set_user_limits(args.name, limits)
+    for field, value in limits.as_dict().items():
+        print(f"{field} {'off' if value is None else value}")
+
+
+_LIMIT_HELP = {
+    "max_sessions": "sessions at once",
+    "max_session_duration": "seconds a session may last",
+    "rate_up": "bytes/s client to targets (sizes like 512k, 10M)",
+    "rate_down": "bytes/s targets to client",
+    "quota_day": "bytes per UTC day, both directions (like 5G)",
+    "quota_month": "bytes per UTC month, both directions",
+}
+
+
 def _add_user(sub: Any) -> None:
     p = sub.add_parser("user", help="manage users (RFC 1929 username/password)")
     users = p.add_subparsers(dest="user_command", required=True, parser_class=_Parser)
     for name, text in (("add", "add a user"), ("passwd", "change a user's password"),
-                       ("remove", "remove a user"), ("list", "list users, one per line")):
+                       ("remove", "remove a user"), ("list", "list users, one per line"),
+                       ("limits", "show or set a user's limits and quotas ('off' clears)")):
         q = users.add_parser(name, help=text)
         if name != "list":
             q.add_argument("name")
         if name in ("add", "passwd"):
             q.add_argument("--password-stdin", action="store_true",
                            help="read the password from the first line of stdin")
+        if name == "limits":
+            for field in LIMIT_FIELDS:
+                q.add_argument("--" + field.replace("_", "-"), dest=field, metavar="VALUE",
+                               help=_LIMIT_HELP[field])
         q.add_argument("--db", type=Path, default=default_db_path(),
                        help=f"SQLite file (default {default_db_path()})")
         q.set_defaults(func=_cmd_user)

@@ -16,6 +16,8 @@ from typing import Any
 
 import attrs
 
+from trisocks.policy.rules import DEFAULT_RULES, Rule, RuleError, groups_used, parse_rules
+
 __all__ = ["KEYS", "Config", "ConfigError", "Endpoint", "build_config", "default_db_path"]
 
 
@@ -119,6 +121,25 @@ class Config:
     """Seconds between flushes of live counters into the accounting store."""
     max_sessions: int = 10000
     """Sessions at once, server-wide; beyond it new connections are closed at once."""
+    rules: tuple[Rule, ...] = parse_rules(DEFAULT_RULES)
+    """Access rules, first match wins (:mod:`trisocks.policy.rules`); TOML ``[[rules]]`` or a
+    file of them. The shipped ones deny the admin endpoint and link-local addresses."""
+    rules_default: str = "allow"
+    """What a request no rule matches gets: ``allow`` or ``deny``."""
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """User groups for rules' ``users = ["@name"]``."""
+    max_sessions_per_user: int | None = None
+    """Sessions at once per user (a user's own limit in the store wins); more get REP 02."""
+    max_handshakes: int = 1000
+    """Connections still in their handshake at once; more are closed at accept."""
+    connection_rate: float | None = None
+    """New connections per second per client IP (bursts up to twice that); more are closed."""
+    auth_failure_limit: int | None = 5
+    """Failed logins in a row from one IP before it must wait (1 s, doubling per failure)."""
+    auth_backoff_max: float = 300.0
+    """The longest an IP waits after failed logins, and how long failures are remembered."""
+    max_session_duration: float | None = None
+    """Seconds a session may last (a user's own limit in the store wins)."""
 
 
 def _positive(key: str, value: Any) -> float:
@@ -194,6 +215,51 @@ def _count(key: str, value: Any) -> int:
     return value
 
 
+def _limit(key: str, value: Any) -> int | None:
+    """A count, or ``off`` (also 0) for no limit."""
+    if value in ("off", 0):
+        return None
+    return _count(key, value)
+
+
+def _optional_positive(key: str, value: Any) -> float | None:
+    return None if value in ("off", 0) else _positive(key, value)
+
+
+def _rules(key: str, value: Any) -> tuple[Rule, ...]:
+    """A list of rule tables, or the path of a TOML file holding ``[[rules]]``."""
+    if isinstance(value, str | os.PathLike):
+        path = _path(key, value)
+        try:
+            with open(path, "rb") as f:
+                value = tomllib.load(f).get("rules", [])
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{key}: {path} is not valid TOML: {exc}") from None
+    try:
+        return parse_rules(value)
+    except RuleError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _groups(key: str, value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A TOML table ``{staff = ["alice", "bob"]}``, or ``staff=alice,bob;ops=carol``."""
+    if isinstance(value, str):
+        pairs = [part.partition("=") for part in value.split(";") if part.strip()]
+        if not all(sep for _, sep, _ in pairs):
+            raise ConfigError(f"{key}: expected NAME=USER,USER;NAME=USER, got {value!r}")
+        value = {name.strip(): users.split(",") for name, _, users in pairs}
+    if not isinstance(value, Mapping) or not all(
+        isinstance(users, list) and all(isinstance(u, str) for u in users)
+        for users in value.values()
+    ):
+        raise ConfigError(f"{key}: expected a table of user lists, got {value!r}")
+    return tuple(
+        (str(name), tuple(u.strip() for u in users)) for name, users in sorted(value.items())
+    )
+
+
 def _reassembly(key: str, value: Any) -> float:
     seconds = _positive(key, value)
     if seconds < 5:
@@ -222,6 +288,15 @@ KEYS: Mapping[str, Any] = {
     "log_level": _choice(LOG_LEVELS),
     "accounting_flush_interval": _positive,
     "max_sessions": _count,
+    "rules": _rules,
+    "rules_default": _choice(("allow", "deny")),
+    "groups": _groups,
+    "max_sessions_per_user": _limit,
+    "max_handshakes": _count,
+    "connection_rate": _optional_positive,
+    "auth_failure_limit": _limit,
+    "auth_backoff_max": _positive,
+    "max_session_duration": _optional_positive,
 }
 """Every config key with its converter: ``converter(key, raw_value) -> value``."""
 
@@ -252,6 +327,9 @@ def build_config(file_values: Mapping[str, Any], flag_values: Mapping[str, Any])
 
 
 def _check(config: Config) -> None:
+    missing = groups_used(config.rules) - {name for name, _ in config.groups}
+    if missing:
+        raise ConfigError(f"rules: group @{sorted(missing)[0]} is not defined in groups")
     if "none" in config.auth and not config.allow_open_proxy:
         exposed = [str(e) for e in config.listen if not e.is_loopback]
         if exposed:

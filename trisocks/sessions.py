@@ -55,6 +55,8 @@ class Session:
     reply: int | None = None
     """The REP code sent (the final one for BIND), or None if no reply was sent."""
     close_reason: str | None = None
+    rule: str | None = None
+    """Id of the access rule that decided the request (``default`` when none matched)."""
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     counters: Counters = attrs.field(factory=Counters)
     flushed: Counters = attrs.field(factory=Counters)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import attrs
 
+from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, period_starts
+
 __all__ = ["ANONYMOUS", "Store", "StoreError", "UsageDelta", "UserUsage", "validate_username"]
 
 ANONYMOUS = "(anonymous)"
@@ -37,7 +39,28 @@ _MIGRATIONS = (
         last_seen REAL
     );
     """,
+    # 2: per-day usage (quotas by day and month) and per-user limits (trisocks.policy.quotas).
+    """
+    CREATE TABLE usage_daily (
+        user TEXT NOT NULL,
+        day TEXT NOT NULL,
+        bytes_up INTEGER NOT NULL DEFAULT 0,
+        bytes_down INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (user, day)
+    );
+    CREATE TABLE user_limits (
+        user TEXT PRIMARY KEY,
+        max_sessions INTEGER,
+        max_session_duration REAL,
+        rate_up INTEGER,
+        rate_down INTEGER,
+        quota_day INTEGER,
+        quota_month INTEGER
+    );
+    """,
 )
+_PER_USER_TABLES = ("usage", "usage_daily", "user_limits")
+"""Rows keyed by user name: a removed (or re-added) user starts from nothing."""
 
 
 class StoreError(Exception):
@@ -128,7 +151,7 @@ class Store:
                     "VALUES (?, ?, ?, ?)",
                     (name, password_hash, now, now),
                 )
-                self._db.execute("DELETE FROM usage WHERE user = ?", (name,))
+                self._forget(name)
         except sqlite3.IntegrityError:
             raise StoreError(f"user {name!r} already exists") from None
 
@@ -146,7 +169,11 @@ class Store:
             cursor = self._db.execute("DELETE FROM users WHERE name = ?", (name,))
             if cursor.rowcount == 0:
                 raise StoreError(f"no user {name!r}")
-            self._db.execute("DELETE FROM usage WHERE user = ?", (name,))
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        for table in _PER_USER_TABLES:
+            self._db.execute(f"DELETE FROM {table} WHERE user = ?", (name,))
 
     def password_hash(self, name: str) -> str | None:
         row = self._db.execute(
@@ -187,6 +214,51 @@ class Store:
                     last_seen = MAX(COALESCE(last_seen, 0), COALESCE(excluded.last_seen, 0))
                 """,
                 rows,
+            )
+            day, _ = period_starts(time.time())
+            self._db.executemany(
+                """
+                INSERT INTO usage_daily (user, day, bytes_up, bytes_down) VALUES (?, ?, ?, ?)
+                ON CONFLICT(user, day) DO UPDATE SET
+                    bytes_up = bytes_up + excluded.bytes_up,
+                    bytes_down = bytes_down + excluded.bytes_down
+                """,
+                [(row[0], day, row[2], row[3]) for row in rows if row[2] or row[3]],
+            )
+
+    def bytes_since(self, user: str, day: str) -> int:
+        """Payload bytes (both directions) *user* moved from UTC *day* (``YYYY-MM-DD``) on."""
+        (total,) = self._db.execute(
+            "SELECT COALESCE(SUM(bytes_up + bytes_down), 0) FROM usage_daily "
+            "WHERE user = ? AND day >= ?",
+            (user, day),
+        ).fetchone()
+        return int(total)
+
+    # --- per-user limits -------------------------------------------------------------------
+
+    def user_limits(self, name: str) -> UserLimits:
+        """*name*'s own limits (all ``None`` when none are set)."""
+        row = self._db.execute(
+            f"SELECT {', '.join(LIMIT_FIELDS)} FROM user_limits WHERE user = ?", (name,)
+        ).fetchone()
+        return UserLimits(*row) if row else UserLimits()
+
+    def set_user_limits(self, name: str, limits: UserLimits) -> None:
+        """Replace *name*'s limits.
+
+        Raises:
+            StoreError: no such user.
+        """
+        with self._transaction():
+            self._db.execute("BEGIN IMMEDIATE")
+            if not self.has_user(name):
+                raise StoreError(f"no user {name!r}")
+            values = [getattr(limits, f) for f in LIMIT_FIELDS]
+            self._db.execute(
+                f"INSERT OR REPLACE INTO user_limits (user, {', '.join(LIMIT_FIELDS)}) "
+                f"VALUES (?{', ?' * len(LIMIT_FIELDS)})",
+                (name, *values),
             )
 
     def usage(self, name: str | None = None) -> list[UserUsage]:

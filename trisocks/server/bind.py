@@ -59,6 +59,12 @@ async def handle_bind(
         session.close_reason = f"bind failed: {exc}"
         await send_reply(stream, session, reply_for(exc))
         return
+    denial = ctx.guard.deny_resolved(session, list(expected)) if expected else None
+    if denial is not None:  # a domain DST.ADDR: its addresses are judged here
+        listener.close()
+        session.close_reason = f"denied by rule {denial.rule_id}"
+        await send_reply(stream, session, Reply.NOT_ALLOWED)
+        return
     early = bytearray(leftover)
     with contextlib.ExitStack() as owned:
         with listener:

@@ -121,6 +121,9 @@ async def relay_session(
     if leftover:
         await upstream.send_all(leftover)
         session.counters.bytes_up += len(leftover)
-    failure = await relay(stream, upstream, session.counters, ctx.engine, ctx.config.idle_timeout)
+    failure = await relay(
+        stream, upstream, session.counters, ctx.engine, ctx.config.idle_timeout,
+        ctx.guard.throttles(session),
+    )
     if failure is not None:
         session.close_reason = f"relay: {failure.strerror or failure}"

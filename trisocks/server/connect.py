@@ -1,4 +1,5 @@
-"""CONNECT (RFC 1928 §4): open the outbound connection, reply, relay."""
+"""CONNECT (RFC 1928 §4): open the outbound connection (to addresses the rules saw), reply,
+relay."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import trio
 from trisocks.protocol import Reply, Request
 from trisocks.server.common import address_of, format_sockaddr, relay_session, send_reply
 from trisocks.server.context import ServerContext
+from trisocks.server.dial import Denied, dial
 from trisocks.server.errors import reply_for
 from trisocks.sessions import Session
 
@@ -26,9 +28,13 @@ async def handle_connect(
     ctx.registry.set_state(session, "connecting")
     try:
         with trio.fail_after(ctx.config.connect_timeout):
-            upstream = await trio.open_tcp_stream(
-                target.host, target.port, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY
+            upstream = await dial(
+                target, lambda ips: ctx.guard.deny_resolved(session, ips), HAPPY_EYEBALLS_DELAY
             )
+    except Denied as exc:
+        session.close_reason = str(exc)
+        await send_reply(stream, session, Reply.NOT_ALLOWED)
+        return
     except (OSError, trio.TooSlowError) as exc:
         session.close_reason = f"connect failed: {exc}"
         await send_reply(stream, session, reply_for(exc))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -11,6 +12,7 @@ import trio
 from trisocks.accounting import Accountant
 from trisocks.auth import Authenticator
 from trisocks.config import Config
+from trisocks.server.guard import Guard
 from trisocks.server.relay import Engine
 from trisocks.sessions import SessionRegistry
 from trisocks.store import Store
@@ -37,6 +39,13 @@ class Stats:
     bytes_down: int = 0
     rejected_over_limit: int = 0
     """Connections closed at accept because max_sessions was reached."""
+    limited: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """Connections or requests refused by a limit: max_handshakes, connection_rate,
+    auth_backoff (closed at accept), user_sessions, quota (REP 02 or session ended)."""
+    denied: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """Requests and UDP datagrams denied, by rule id."""
+    reloads: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """Config reloads by outcome: ok, failed."""
 
 
 @attrs.define(eq=False)
@@ -55,3 +64,10 @@ class ServerContext:
     """The SOCKS listeners' real addresses, once bound."""
     admin_address: tuple[str, int] | None = None
     """The admin API's real address once it listens; ``None`` while off."""
+    load_config: Callable[[], Config] | None = None
+    """Re-reads the config file and flags (set by the CLI); ``None``: nothing to reload."""
+    guard: Guard = attrs.field(init=False)
+    """Access rules, limits and quotas (:mod:`trisocks.server.guard`)."""
+
+    def __attrs_post_init__(self) -> None:
+        self.guard = Guard(self)

@@ -85,6 +85,7 @@ async def serve(
     async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as root:
         root.start_soon(ctx.accountant.run, config.accounting_flush_interval)
         await root.start(CredentialWatcher(ctx).run)
+        await root.start(ctx.guard.run)  # quotas of live sessions
         listeners: list[trio.SocketListener] = []
         for endpoint in config.listen:
             for listener in await trio.open_tcp_listeners(endpoint.port, host=endpoint.host):

@@ -8,12 +8,14 @@ line; nothing escapes to the accept loop.
 from __future__ import annotations
 
 import logging
+import math
 
 import trio
 
-from trisocks.protocol import Command
+from trisocks.policy.rules import IP
+from trisocks.protocol import Command, Reply
 from trisocks.server.bind import handle_bind
-from trisocks.server.common import format_sockaddr
+from trisocks.server.common import format_sockaddr, ip_of, send_reply
 from trisocks.server.connect import handle_connect
 from trisocks.server.context import ServerContext
 from trisocks.server.handshake import HandshakeFailed, handshake
@@ -28,16 +30,22 @@ log = logging.getLogger("trisocks.session")
 async def handle_client(stream: trio.SocketStream, ctx: ServerContext) -> None:
     """Serve one accepted connection (the body of one nursery task)."""
     try:
-        client = format_sockaddr(stream.socket.getpeername())
+        peer = stream.socket.getpeername()
     except OSError:  # already reset by the peer
+        await trio.aclose_forcefully(stream)
+        return
+    client, ip = format_sockaddr(peer), ip_of(peer[0])
+    if ctx.guard.admit(ip) is not None:  # counted; not a session, so not in the access log
         await trio.aclose_forcefully(stream)
         return
     started = trio.current_time()
     with ctx.registry.track(client) as session:
         try:
-            await _serve(stream, session, ctx)
+            await _serve(stream, session, ctx, ip)
         except HandshakeFailed as exc:
             ctx.stats.handshake_failures[exc.reason] += 1
+            if exc.reason == "auth_failed":
+                ctx.guard.auth_result(ip, ok=False)
             session.close_reason = str(exc)
         except trio.TooSlowError:
             ctx.stats.handshake_failures["timeout"] += 1
@@ -51,13 +59,25 @@ async def handle_client(stream: trio.SocketStream, ctx: ServerContext) -> None:
     _log_session(ctx, session, trio.current_time() - started)
 
 
-async def _serve(stream: trio.SocketStream, session: Session, ctx: ServerContext) -> None:
-    with trio.fail_after(ctx.config.handshake_timeout):
+async def _serve(stream: trio.SocketStream, session: Session, ctx: ServerContext, ip: IP) -> None:
+    with ctx.guard.handshaking(), trio.fail_after(ctx.config.handshake_timeout):
         request, leftover = await handshake(stream, session, ctx)
+    if session.user is not None:
+        ctx.guard.auth_result(ip, ok=True)
     session.command = COMMAND_NAMES[request.command]
     session.target = str(request.address)
     ctx.registry.notify("request", session)
-    await HANDLERS[request.command](stream, session, request, leftover, ctx)
+    _, refusal = ctx.guard.open_request(session, ip, request)
+    if refusal is not None:  # RFC 1928 §6: "connection not allowed by ruleset"
+        log.info("session %s: %s %s refused: %s", session.id, session.command, session.target,
+                 refusal)
+        session.close_reason = refusal
+        await send_reply(stream, session, Reply.NOT_ALLOWED)
+        return
+    with trio.move_on_after(ctx.guard.max_duration(session) or math.inf) as lifetime:
+        await HANDLERS[request.command](stream, session, request, leftover, ctx)
+    if lifetime.cancelled_caught:
+        session.close_reason = "max session duration"
 
 
 HANDLERS = {
@@ -74,12 +94,13 @@ def _log_session(ctx: ServerContext, session: Session, duration: float) -> None:
     if session.reply is not None:
         ctx.stats.replies[session.reply] += 1
     ctx.access_log.info(
-        "%s user=%s %s %s reply=%s up=%d down=%d duration=%.3fs%s",
+        "%s user=%s %s %s reply=%s rule=%s up=%d down=%d duration=%.3fs%s",
         session.client,
         session.user or "-",
         session.command or "-",
         session.target or "-",
         f"{session.reply:02x}" if session.reply is not None else "-",
+        session.rule or "-",
         c.bytes_up,
         c.bytes_down,
         duration,
@@ -93,6 +114,7 @@ def _log_session(ctx: ServerContext, session: Session, duration: float) -> None:
                 "target": session.target,
                 "resolved": session.resolved,
                 "reply": session.reply,
+                "rule": session.rule,
                 "bytes_up": c.bytes_up,
                 "bytes_down": c.bytes_down,
                 "datagrams_up": c.datagrams_up,

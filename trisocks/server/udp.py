@@ -191,10 +191,13 @@ class Association:
     """Rule 2's memory, oldest first (a dict keeps insertion order)."""
     _outbound: dict[socket.AddressFamily, trio.socket.SocketType] = attrs.Factory(dict)
     _idle: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    _allowed: Callable[[str | None, Any, int], bool] = attrs.field(init=False)
+    """The access rules, per datagram target (:meth:`Guard.datagram_check`)."""
 
     def __attrs_post_init__(self) -> None:
         reassembler = Reassembler(timeout=self.ctx.config.udp_reassembly_timeout)
         self.fragments = FragmentQueue(reassembler, self.ctx.stats)
+        self._allowed = self.ctx.guard.datagram_check(self.session)
 
     async def run(self, control: trio.SocketStream) -> None:
         """Relay until rule 4 ends the association."""
@@ -261,9 +264,18 @@ class Association:
                     family, sockaddr = await self.names.resolve(address.host, address.port)
             else:
                 family, sockaddr = sockaddr_for(address)
+        except (OSError, trio.TooSlowError):
+            self._drop("unreachable")
+            return
+        # The target may change with every datagram, so each is judged (decisions are cached).
+        host = address.host if address.atyp == AddressType.DOMAIN else None
+        if not self._allowed(host, ip_of(sockaddr[0]), address.port):
+            self._drop("not_allowed")
+            return
+        try:
             outbound = await self._outbound_socket(family, nursery, sockets)
             await outbound.sendto(data, sockaddr)
-        except (OSError, trio.TooSlowError):
+        except OSError:
             self._drop("unreachable")
             return
         self._remember(sockaddr)

@@ -1,0 +1,117 @@
+"""Outbound CONNECT: resolve once, judge every address, connect only to judged addresses.
+
+``trio.open_tcp_stream(name)`` would resolve the name itself, after we had checked it; a name
+whose records change in between (DNS rebinding) would reach an address no rule ever saw. So
+the name is resolved here, once; the rules see every address; and the connection attempts use
+exactly those addresses, staggered as in RFC 8305 (Happy Eyeballs): families interleaved, the
+next attempt starting when one fails or after ``delay`` seconds, the first to connect winning.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from trisocks.policy.rules import IP, Decision
+from trisocks.protocol import Address, AddressType
+from trisocks.server.common import ip_of
+
+__all__ = ["Denied", "connect_any", "dial", "resolve"]
+
+Target = tuple[socket.AddressFamily, Any]
+"""A family and a socket address to connect to."""
+
+
+class Denied(Exception):
+    """A resolved address of the target is denied by the rules."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(f"denied by rule {decision.rule_id}")
+        self.decision = decision
+
+
+async def resolve(address: Address) -> list[Target]:
+    """The addresses to try for *address*, families interleaved (RFC 8305 §4).
+
+    Raises:
+        OSError: the name does not resolve (``socket.gaierror``).
+    """
+    if address.atyp != AddressType.DOMAIN:
+        family = socket.AF_INET6 if address.atyp == AddressType.IPV6 else socket.AF_INET
+        return [(family, (address.host, address.port))]
+    infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    by_family: dict[int, list[Target]] = {}
+    for family, _type, _proto, _name, sockaddr in infos:
+        target = (family, sockaddr)
+        if target not in by_family.setdefault(family, []):
+            by_family[family].append(target)
+    mixed = itertools.zip_longest(*by_family.values())
+    return [t for group in mixed for t in group if t is not None]
+
+
+async def connect_any(targets: list[Target], delay: float) -> trio.SocketStream:
+    """Connect to the first of *targets* that answers, starting one attempt every *delay*
+    seconds or as soon as the previous one failed; the losers are closed.
+
+    Raises:
+        OSError: every attempt failed; like ``trio.open_tcp_stream``, the per-address errors
+        are in ``__cause__`` (see :func:`trisocks.server.errors.reply_for`).
+    """
+    winner: trio.socket.SocketType | None = None
+    errors: list[OSError] = []
+
+    async def attempt(target: Target, failed: trio.Event) -> None:
+        nonlocal winner
+        try:
+            sock = trio.socket.socket(target[0], socket.SOCK_STREAM)
+        except OSError as exc:
+            errors.append(exc)
+            failed.set()
+            return
+        try:
+            await sock.connect(target[1])
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+            failed.set()
+            return
+        except BaseException:
+            sock.close()
+            raise
+        if winner is None:
+            winner = sock
+            nursery.cancel_scope.cancel()
+        else:
+            sock.close()
+
+    async with trio.open_nursery() as nursery:
+        for target in targets:
+            failed = trio.Event()
+            nursery.start_soon(attempt, target, failed)
+            with trio.move_on_after(delay):
+                await failed.wait()
+    if winner is None:
+        raise OSError(f"all {len(targets)} connection attempts failed") from ExceptionGroup(
+            "connection attempts", errors or [OSError("no address")]
+        )
+    return trio.SocketStream(winner)
+
+
+async def dial(
+    address: Address, judge: Callable[[list[IP]], Decision | None], delay: float
+) -> trio.SocketStream:
+    """Resolve *address*, let *judge* see every IP (a Decision return is a deny), connect.
+
+    Raises:
+        Denied: an address is denied.
+        OSError: resolving or connecting failed.
+    """
+    targets = await resolve(address)
+    denial = judge([ip_of(t[1][0]) for t in targets])
+    if denial is not None:
+        raise Denied(denial)
+    return await connect_any(targets, delay)

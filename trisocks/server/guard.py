@@ -1,0 +1,326 @@
+"""The policy applied to one server: admission, limits, rules, quotas, rates and reload.
+
+Where each check sits, cheapest first:
+
+1. At accept (:meth:`Guard.admit`): handshakes in flight, new connections per client IP, and
+   IPs backing off after failed logins. A refused connection is closed before a byte is read;
+   it never enters the session registry (a flood must not flood the access log either).
+2. After the request (:meth:`Guard.open_request`): the user's session limit and quota, then the
+   rules on what the client asked. CONNECT to a name is judged again per resolved address by
+   :mod:`trisocks.server.dial`, which connects only to addresses it judged.
+3. While relaying: per-user token buckets (:meth:`Guard.throttles`), and :meth:`Guard.run`,
+   which ends sessions over quota. Both read limits from the store, so changes made by
+   ``trisocks user limits`` or the admin API apply without a restart.
+
+Refusals are counted in ``stats.limited`` (by limit) and ``stats.denied`` (by rule id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from trisocks.policy.limits import AuthBackoff, Counts, KeyedRate, TokenBucket
+from trisocks.policy.quotas import UserLimits, quota_exceeded, usage
+from trisocks.policy.rules import IP, Decision, Query, RuleSet
+from trisocks.protocol import AddressType, Request
+from trisocks.server.common import ip_of
+from trisocks.sessions import Session
+
+if TYPE_CHECKING:
+    from trisocks.config import Config
+    from trisocks.server.context import ServerContext
+
+__all__ = ["Guard", "Throttle"]
+
+log = logging.getLogger("trisocks.policy")
+
+Throttle = Callable[[int], Awaitable[None]]
+"""Awaited by the relay after each chunk it moved (only when a rate applies)."""
+WATCH_INTERVAL = 0.5
+"""Seconds between quota checks of live sessions."""
+BURST_SECONDS = 0.25
+"""A user's byte bucket holds this many seconds of its rate."""
+UDP_DECISIONS = 256
+"""Per-association cache of datagram decisions (the rules are pure, so caching is exact)."""
+
+
+@attrs.define(eq=False)
+class _UserRate:
+    """A user's byte buckets, shared by all of its sessions."""
+
+    up: TokenBucket | None
+    down: TokenBucket | None
+    sessions: int = 0
+
+    def matches(self, limits: UserLimits) -> bool:
+        return (self.up and self.up.rate) == limits.rate_up and (
+            self.down and self.down.rate
+        ) == limits.rate_down
+
+
+def _bucket(rate: int | None) -> TokenBucket | None:
+    return None if rate is None else TokenBucket(rate, max(1.0, rate * BURST_SECONDS))
+
+
+def command_of(request: Request) -> str:
+    return ("connect", "bind", "udp")[request.command - 1]
+
+
+class Guard:
+    def __init__(self, ctx: ServerContext) -> None:
+        self._ctx = ctx
+        self.handshakes = 0
+        self.user_sessions = Counts()
+        self._auth = AuthBackoff(1)
+        self._connections: KeyedRate | None = None
+        self._rates: dict[str, _UserRate] = {}
+        self._queries: dict[Session, Query] = {}
+        self._ruleset_key: tuple[object, ...] = ()
+        self._ruleset: RuleSet | None = None
+        self.configure(ctx.config)
+        ctx.registry.add_listener(self._on_event)
+
+    # --- configuration ---------------------------------------------------------------------
+
+    def configure(self, config: Config) -> None:
+        """Take the limits of *config*; counters and backoff state carry over."""
+        self._auth.threshold = config.auth_failure_limit or 0
+        self._auth.cap = config.auth_backoff_max
+        rate = config.connection_rate
+        if rate is None:
+            self._connections = None
+        elif self._connections is None or self._connections.rate != rate:
+            self._connections = KeyedRate(rate, max(1.0, 2 * rate))
+
+    @property
+    def ruleset(self) -> RuleSet:
+        """The rules of the current config, bound to where the admin API really listens."""
+        config = self._ctx.config
+        key = (config.rules, config.rules_default, config.groups, self._ctx.admin_address)
+        if self._ruleset is None or key != self._ruleset_key:
+            self._ruleset_key = key
+            self._ruleset = RuleSet(
+                config.rules,
+                default_allow=config.rules_default == "allow",
+                groups=dict(config.groups),
+                admin=self._ctx.admin_address,
+            )
+        return self._ruleset
+
+    # --- 1. at accept ------------------------------------------------------------------------
+
+    def admit(self, ip: IP) -> str | None:
+        """The limit a new connection from *ip* is over, or ``None`` to go on."""
+        now = trio.current_time()
+        if self.handshakes >= self._ctx.config.max_handshakes:
+            reason = "max_handshakes"
+        elif self._connections is not None and not self._connections.allow(ip, now):
+            reason = "connection_rate"
+        elif self._auth.threshold and self._auth.blocked(ip, now):
+            reason = "auth_backoff"
+        else:
+            return None
+        self._ctx.stats.limited[reason] += 1
+        return reason
+
+    @contextlib.contextmanager
+    def handshaking(self) -> Iterator[None]:
+        self.handshakes += 1
+        try:
+            yield
+        finally:
+            self.handshakes -= 1
+
+    def auth_result(self, ip: IP, ok: bool) -> None:
+        if ok:
+            self._auth.succeeded(ip)
+        elif self._auth.threshold and self._auth.failed(ip, trio.current_time()):
+            log.info("%s: %d+ failed logins; backing off", ip, self._auth.threshold)
+
+    # --- 2. after the request ------------------------------------------------------------------
+
+    def open_request(
+        self, session: Session, client: IP, request: Request
+    ) -> tuple[Decision | None, str | None]:
+        """Judge a request before it is served.
+
+        Returns:
+            The rule decision (``None``: it hangs on addresses not resolved yet) and a refusal
+            reason for the log when the request must get REP 02 (then nothing is held).
+            Otherwise the session holds a slot of its user's session limit until it ends.
+        """
+        address = request.address
+        domain = address.atyp == AddressType.DOMAIN
+        query = Query(
+            client=client,
+            user=session.user,
+            command=command_of(request),
+            host=address.host if domain else None,
+            ip=None if domain or request.command == 3 else ip_of(address.host),
+            port=None if request.command == 3 else address.port,
+        )
+        decision = self.ruleset.decide(query)
+        if decision is not None:
+            session.rule = decision.rule_id
+            if not decision.allowed:
+                self._ctx.stats.denied[decision.rule_id] += 1
+                return decision, f"denied by rule {decision.rule_id}"
+        if session.user is not None:
+            refusal = self._open_user(session)
+            if refusal is not None:
+                self._ctx.stats.limited[refusal.partition(" ")[0]] += 1
+                return decision, refusal
+        self._queries[session] = query
+        return decision, None
+
+    def _open_user(self, session: Session) -> str | None:
+        user = session.user
+        assert user is not None
+        limits = self._ctx.store.user_limits(user)
+        used = usage(self._ctx.store, self._ctx.accountant, user, time.time())
+        exceeded = quota_exceeded(limits, *used)
+        if exceeded:
+            return f"quota ({exceeded}) used up"
+        limit = limits.max_sessions or self._ctx.config.max_sessions_per_user
+        if not self.user_sessions.acquire(user, limit):
+            return f"user_sessions: {user} has {limit} sessions already"
+        rate = self._rates.get(user)
+        if rate is None or not rate.matches(limits):
+            fresh = _UserRate(_bucket(limits.rate_up), _bucket(limits.rate_down))
+            fresh.sessions = rate.sessions if rate else 0
+            rate = self._rates[user] = fresh
+        rate.sessions += 1
+        return None
+
+    def max_duration(self, session: Session) -> float | None:
+        """The session's lifetime limit: the user's own, else the server's."""
+        own = self._ctx.store.user_limits(session.user) if session.user else UserLimits()
+        return own.max_session_duration or self._ctx.config.max_session_duration
+
+    def deny_resolved(self, session: Session, ips: list[IP]) -> Decision | None:
+        """Judge a name's addresses (CONNECT, BIND); the deny, if any, is counted."""
+        query = self._queries.get(session)
+        if query is None:
+            return None
+        decision = self.ruleset.decide_resolved(query, ips)
+        session.rule = decision.rule_id
+        if decision.allowed:
+            return None
+        self._ctx.stats.denied[decision.rule_id] += 1
+        return decision
+
+    def datagram_check(self, session: Session) -> Callable[[str | None, IP, int], bool]:
+        """A per-association judge of datagram targets, cached while the rules stay the same."""
+        base = self._queries.get(session)
+        cache: dict[tuple[str | None, IP, int], bool] = {}
+        ruleset: list[RuleSet] = []
+
+        def allowed(host: str | None, ip: IP, port: int) -> bool:
+            if base is None:
+                return True
+            if ruleset != [self.ruleset]:
+                ruleset[:] = [self.ruleset]
+                cache.clear()
+            key = (host, ip, port)
+            if key not in cache:
+                if len(cache) >= UDP_DECISIONS:
+                    cache.pop(next(iter(cache)))
+                q = attrs.evolve(base, host=host, ip=ip, port=port)
+                decision = self.ruleset.decide(q) or self.ruleset.default
+                cache[key] = decision.allowed
+                if not decision.allowed:
+                    self._ctx.stats.denied[decision.rule_id] += 1
+            return cache[key]
+
+        return allowed
+
+    def _on_event(self, event: str, session: Session) -> None:
+        if event == "end" and self._queries.pop(session, None) is not None and session.user:
+            self.user_sessions.release(session.user)
+            rate = self._rates.get(session.user)
+            if rate is not None:
+                rate.sessions -= 1
+                if rate.sessions <= 0:
+                    del self._rates[session.user]
+
+    # --- 3. while relaying -------------------------------------------------------------------
+
+    def throttles(self, session: Session) -> tuple[Throttle | None, Throttle | None]:
+        """Callbacks that hold a direction to its user's rate; ``None`` where there is none
+        (so an unlimited session runs the relay's fast path untouched)."""
+        rate = self._rates.get(session.user) if session.user else None
+        if rate is None:
+            return None, None
+
+        def throttle(direction: str) -> Throttle | None:
+            if getattr(rate, direction) is None:
+                return None
+
+            async def wait(n: int) -> None:
+                bucket = getattr(rate, direction)  # the watcher may swap it after a change
+                if bucket is not None:
+                    delay = bucket.consume(n, trio.current_time())
+                    if delay > 0:
+                        await trio.sleep(delay)
+
+            return wait
+
+        return throttle("up"), throttle("down")
+
+    def check_quotas(self) -> int:
+        """End the sessions of users over quota and refresh rates; return how many ended."""
+        ended = 0
+        for user, rate in list(self._rates.items()):
+            limits = self._ctx.store.user_limits(user)
+            if not rate.matches(limits):
+                rate.up, rate.down = _bucket(limits.rate_up), _bucket(limits.rate_down)
+            exceeded = quota_exceeded(
+                limits, *usage(self._ctx.store, self._ctx.accountant, user, time.time())
+            )
+            if exceeded:
+                sessions = [s for s in self._ctx.registry if s.user == user]
+                log.warning("user %s: %s quota used up; ending %d sessions",
+                            user, exceeded, len(sessions))
+                self._ctx.stats.limited["quota"] += len(sessions)
+                for session in sessions:
+                    session.kill(f"{exceeded} quota used up")
+                ended += len(sessions)
+        return ended
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Check quotas every :data:`WATCH_INTERVAL` seconds until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            try:
+                self.check_quotas()
+            except Exception:  # a store hiccup must not stop the proxy; next tick retries
+                log.exception("quota check failed")
+
+    # --- reload ------------------------------------------------------------------------------
+
+    def revoke(self) -> int:
+        """After a reload: end the sessions the new rules or user set no longer allow."""
+        ended = 0
+        for session, query in list(self._queries.items()):
+            reason = None
+            if session.user is not None and not self._ctx.store.has_user(session.user):
+                reason = "reload: user removed"
+            else:
+                ip = ip_of(session.resolved.rpartition(":")[0].strip("[]")) \
+                    if session.resolved and session.command != "UDP" else query.ip
+                decision = self.ruleset.decide(attrs.evolve(query, ip=ip))
+                if decision is not None and not decision.allowed:
+                    reason = f"reload: denied by rule {decision.rule_id}"
+            if reason is not None:
+                log.info("session %s (%s): %s", session.id, session.user or "-", reason)
+                session.kill(reason)
+                ended += 1
+        return ended

@@ -1,0 +1,59 @@
+"""Reloading the configuration of a running server (SIGHUP, ``POST /api/reload``).
+
+Rules of a reload:
+
+1. The new config is read and checked in full before anything changes; a broken one is
+   rejected with the error logged, and the server keeps the config it has.
+2. Keys that shape what is already bound or opened (listeners, db, admin endpoint, relay
+   engine, logging) keep their running values; a change to them is logged as needing a restart.
+3. Live sessions keep going, except those the new rules or the user set no longer allow:
+   they are ended with the reason in the log (:meth:`Guard.revoke`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from trisocks.config import ConfigError
+
+if TYPE_CHECKING:
+    from trisocks.server.context import ServerContext
+
+__all__ = ["RESTART_KEYS", "reload_config"]
+
+log = logging.getLogger("trisocks.server")
+
+RESTART_KEYS = ("listen", "db", "admin", "admin_token", "relay_engine", "log_format", "log_level")
+
+
+def reload_config(ctx: ServerContext) -> dict[str, Any]:
+    """Re-read the config (``ctx.load_config``) and apply it.
+
+    Returns:
+        What changed: ``rules`` (how many now), ``ended`` (sessions revoked) and
+        ``restart_needed`` (keys that changed but keep their running value).
+    Raises:
+        ConfigError: the new config is broken (or there is nothing to re-read); nothing changed.
+    """
+    try:
+        if ctx.load_config is None:
+            raise ConfigError("reload: this server was not started from a config to re-read")
+        new = ctx.load_config()
+    except ConfigError as exc:
+        ctx.stats.reloads["failed"] += 1
+        log.error("reload rejected, keeping the running config: %s", exc)
+        raise
+    old = ctx.config
+    restart = sorted(k for k in RESTART_KEYS if getattr(new, k) != getattr(old, k))
+    if restart:
+        log.warning("reload: %s changed; that takes a restart", ", ".join(restart))
+    ctx.config = attrs.evolve(new, **{k: getattr(old, k) for k in RESTART_KEYS})
+    ctx.guard.configure(ctx.config)
+    ended = ctx.guard.revoke()
+    ctx.stats.reloads["ok"] += 1
+    log.info("reloaded config: %d rules (default %s); %d sessions ended",
+             len(ctx.config.rules), ctx.config.rules_default, ended)
+    return {"rules": len(ctx.config.rules), "ended": ended, "restart_needed": restart}
