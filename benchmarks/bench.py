@@ -1,0 +1,436 @@
+"""Benchmark trisocks beside other SOCKS5 servers in one run and print a table.
+
+    python benchmarks/bench.py [--quick] [--only NAME,...] [--duration S] [--markdown FILE]
+
+Starts the origin server (origin.py), then for each server in turn (no proxy,
+microsocks, Dante, pproxy on uvloop, trisocks) starts it on a free loopback
+port, waits until it accepts, measures, and stops it. Load comes from
+loadgen.py processes, separate from this harness and from the server.
+
+Per server it measures:
+
+* bulk download MB/s (10^6 B/s) with 1 and with 8 parallel streams;
+* connections/s (connect, SOCKS handshake + CONNECT, 4-byte request and reply,
+  the origin closes and the client sees EOF), one sequential client and 64
+  concurrent clients (2 processes x 32 threads);
+* round-trip latency p50/p99 (µs) of 16-byte ping/pongs over one connection;
+* KiB of server memory per idle established connection with N held open,
+  each N on a freshly started server (see procs.py for how memory is summed);
+* server CPU seconds per GiB relayed during the 1-stream bulk run.
+
+Everything is bounded in time and count; every child process is stopped on
+exit, Ctrl-C or error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import peers
+import procs
+import report
+from report import Cell, Failure
+
+HERE = Path(__file__).resolve().parent
+PROCESS_SLACK = 30.0  # seconds a load generator may take beyond its measurement
+IDLE_WARMUP_CONNECTIONS = 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration: float
+    warmup: float
+    rtt_count: int
+    idle_counts: tuple[int, ...]
+    hold_timeout: float  # time allowed to open the idle connections
+
+
+@dataclass
+class Target:
+    """Where load generators send traffic: a started proxy, or the origin directly."""
+
+    proxy: str | None = None
+    user: str | None = None
+    password: str | None = None
+    pgid: int | None = None  # the proxy's process group, for CPU/memory readings
+    notes: list[str] = field(default_factory=list)
+
+    def loadgen_argv(self, mode: str, port: int, *options: str) -> list[str]:
+        argv = [sys.executable, str(HERE / "loadgen.py"), mode, "--target", str(port), *options]
+        if self.proxy:
+            argv += ["--proxy", self.proxy]
+        if self.user is not None:
+            argv += ["--user", self.user, "--password", self.password or ""]
+        return argv
+
+
+class Ports(NamedTuple):
+    """The origin's services (see origin.py)."""
+
+    bulk: int
+    echo: int
+    oneshot: int
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def tail(path: Path, chars: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:].strip()
+    except OSError:
+        return ""
+
+
+@contextmanager
+def origin_server(workdir: Path) -> Iterator[Ports]:
+    """Run origin.py; yield its ports."""
+    with open(workdir / "origin.stderr", "wb") as err:
+        proc = procs.start(
+            [sys.executable, str(HERE / "origin.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+    try:
+        line = procs.read_line(proc.stdout, 15)
+        if not line.startswith("READY"):
+            raise RuntimeError(f"origin failed: {line!r} {tail(workdir / 'origin.stderr')}")
+        yield Ports(*map(int, line.split()[1:]))
+    finally:
+        procs.stop(proc)
+
+
+@contextmanager
+def running(server: peers.Server, workdir: Path) -> Iterator[Target]:
+    """Start a server on a free port, wait until it accepts, yield a Target, stop it."""
+    if server.prepare is None:
+        yield Target()
+        return
+    port = procs.free_port()
+    slug = re.sub(r"\W+", "-", server.name)
+    sdir = Path(tempfile.mkdtemp(prefix=f"{slug}-", dir=workdir))  # fresh state for every start
+    try:
+        launch = server.prepare(port, sdir)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log(f"  preparing {server.name} failed: {exc}")
+        raise ServerStartError(str(exc)) from None
+    stdout, stderr = sdir / "stdout", sdir / "stderr"
+    with open(stdout, "wb") as out, open(stderr, "wb") as err:
+        proc = procs.start(
+            launch.argv,
+            env=launch.env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            cwd=peers.REPO,
+        )
+    try:
+        try:
+            procs.wait_accepting(port, proc)
+        except RuntimeError as exc:
+            output = f"{tail(stderr)}\n{tail(stdout)}".strip()
+            log(f"  {shlex.join(launch.argv)}\n  {exc}; its output:\n{output}")
+            last = output.splitlines()[-1] if output else "no output"
+            raise ServerStartError(f"{exc}: {last}") from None
+        notes = list(launch.notes)
+        if launch.check:
+            notes.append(launch.check(proc.pid, sdir))
+        yield Target(f"127.0.0.1:{port}", launch.user, launch.password, proc.pid, notes)
+    finally:
+        procs.stop(proc)
+
+
+def run_loadgens(argvs: list[list[str]], timeout: float) -> list[dict]:
+    """Run load generator processes in parallel; return each one's JSON result."""
+    started = [procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv in argvs]
+    try:
+        deadline = time.monotonic() + timeout
+        results = []
+        for proc in started:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            if proc.returncode != 0:
+                lines = err.decode(errors="replace").strip().splitlines() or ["no output"]
+                raise RuntimeError(f"load generator failed: {lines[-1]}")
+            results.append(json.loads(out.decode().strip().splitlines()[-1]))
+        return results
+    finally:
+        for proc in started:
+            procs.stop(proc, timeout=2)
+
+
+def bulk(target: Target, port: int, streams: int, s: Settings) -> tuple[float, int]:
+    """(MB/s inside the window, total bytes received) for `streams` parallel downloads."""
+    argv = target.loadgen_argv(
+        "bulk",
+        port,
+        "--streams",
+        str(streams),
+        "--duration",
+        str(s.duration),
+        "--warmup",
+        str(s.warmup),
+    )
+    (result,) = run_loadgens([argv], s.duration + s.warmup + PROCESS_SLACK)
+    if result["errors"]:
+        raise RuntimeError(result["errors"][0])
+    return result["window_bytes"] / result["window_s"] / 1e6, result["total_bytes"]
+
+
+def connrate(target: Target, port: int, clients: int, processes: int, s: Settings) -> float:
+    """Completed connect-request-close cycles per second, over all processes."""
+    start_at = time.time() + 0.3
+    argv = target.loadgen_argv(
+        "connrate",
+        port,
+        "--clients",
+        str(clients // processes),
+        "--duration",
+        str(s.duration),
+        "--warmup",
+        str(s.warmup),
+        "--start-at",
+        str(start_at),
+    )
+    results = run_loadgens([argv] * processes, s.duration + s.warmup + PROCESS_SLACK)
+    completed = sum(r["completed"] for r in results)
+    errors = sum(r["errors"] for r in results)
+    first_error = next((r["first_error"] for r in results if r["first_error"]), None)
+    if completed == 0:
+        raise RuntimeError(f"no connection completed; {errors} errors, first: {first_error}")
+    if errors:
+        target.notes.append(
+            f"{errors} failed connections at {clients} client(s), first: {first_error}"
+        )
+    return completed / s.duration
+
+
+def rtt(target: Target, port: int, s: Settings) -> tuple[float, float]:
+    argv = target.loadgen_argv(
+        "rtt", port, "--count", str(s.rtt_count), "--duration", str(s.duration)
+    )
+    (result,) = run_loadgens([argv], s.duration + PROCESS_SLACK)
+    return result["p50_us"], result["p99_us"]
+
+
+@contextmanager
+def held(target: Target, port: int, count: int, timeout: float) -> Iterator[dict]:
+    """Keep `count` idle sessions open (in a loadgen process) for the duration of the block."""
+    argv = target.loadgen_argv("hold", port, "--count", str(count), "--duration", str(timeout))
+    proc = procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = procs.read_line(proc.stdout, timeout + PROCESS_SLACK)
+        if not line:
+            raise RuntimeError(f"hold failed: {proc.stderr.read().decode(errors='replace')[-500:]}")
+        yield json.loads(line)
+        proc.stdin.close()
+        proc.wait(PROCESS_SLACK)
+    finally:
+        procs.stop(proc, timeout=2)
+
+
+def settled_pss(pgid: int) -> int:
+    """Server memory once it stops moving (within 0.5 %, at most ~3 s of sampling)."""
+    previous = procs.pss_kib(pgid)
+    for _ in range(12):
+        time.sleep(0.25)
+        current = procs.pss_kib(pgid)
+        if abs(current - previous) <= 0.005 * previous:
+            return current
+        previous = current
+    return previous
+
+
+def idle_memory(target: Target, port: int, count: int, s: Settings) -> float:
+    """KiB of server memory per idle session, from a warmed-up fresh server."""
+    with held(target, port, IDLE_WARMUP_CONNECTIONS, s.hold_timeout):
+        pass
+    baseline = settled_pss(target.pgid)
+    with held(target, port, count, s.hold_timeout) as status:
+        if status["opened"] < count:
+            raise RuntimeError(
+                f"held only {status['opened']} of {count}: {'; '.join(status['errors'])}"
+            )
+        loaded = settled_pss(target.pgid)
+        processes = procs.process_count(target.pgid)
+    if processes > 1:
+        target.notes.append(f"{processes} processes while holding {count} connections")
+    return (loaded - baseline) / count
+
+
+def attempt(
+    row: dict[str, Cell], keys: tuple[str, ...], measure: Callable[[], tuple | float], label: str
+) -> None:
+    """Store measure()'s value(s) in row[keys]; on error store a Failure instead."""
+    try:
+        values = measure()
+    except Exception as exc:  # reported in the table; the run goes on
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        log(f"    {label}: FAILED: {message}")
+        row.update({k: Failure(message) for k in keys})
+        return
+    values = values if isinstance(values, tuple) else (values,)
+    row.update({k: None if v is None else float(v) for k, v in zip(keys, values, strict=True)})
+    log(f"    {label}: " + ", ".join("n/a" if v is None else f"{v:,.1f}" for v in values))
+
+
+def measure_traffic(row: dict[str, Cell], target: Target, ports: Ports, s: Settings) -> None:
+    """Throughput, connection rate, latency and CPU against one running server."""
+
+    def bulk_with_cpu() -> tuple[float, float | None]:
+        if target.pgid is None:
+            return bulk(target, ports.bulk, 1, s)[0], None
+        cpu_before = procs.cpu_seconds(target.pgid)
+        mbps, total = bulk(target, ports.bulk, 1, s)
+        return mbps, (procs.cpu_seconds(target.pgid) - cpu_before) / (total / 2**30)
+
+    attempt(row, ("bulk1", "cpu"), bulk_with_cpu, "bulk 1 stream MB/s, CPU s/GiB")
+    attempt(row, ("bulk8",), lambda: bulk(target, ports.bulk, 8, s)[0], "bulk 8 streams MB/s")
+    attempt(row, ("conn1",), lambda: connrate(target, ports.oneshot, 1, 1, s), "conn/s 1 client")
+    attempt(row, ("conn64",), lambda: connrate(target, ports.oneshot, 64, 2, s), "conn/s 64")
+    attempt(row, ("rtt50", "rtt99"), lambda: rtt(target, ports.echo, s), "RTT p50/p99 µs")
+
+
+def benchmark(
+    server: peers.Server, ports: Ports, s: Settings, workdir: Path
+) -> tuple[dict[str, Cell], list[str]]:
+    """Measure one server; return its row and its footnotes."""
+    row: dict[str, Cell] = {}
+    notes: list[str] = []
+    try:
+        with running(server, workdir) as target:
+            notes = target.notes
+            measure_traffic(row, target, ports, s)
+    except ServerStartError as exc:
+        return {"bulk1": Failure(f"did not start: {exc}")}, notes
+    for n in s.idle_counts:
+        if server.prepare is None:
+            row[f"idle{n}"] = None
+            continue
+
+        def measure_idle(n: int = n) -> float:
+            with running(server, workdir) as fresh:
+                value = idle_memory(fresh, ports.echo, n, s)
+                notes.extend(note for note in fresh.notes if note not in notes)
+                return value
+
+        attempt(row, (f"idle{n}",), measure_idle, f"KiB/idle conn @{n}")
+    return row, notes
+
+
+def select_servers(only: str | None) -> list[peers.Server]:
+    if not only:
+        return peers.SERVERS
+
+    def norm(name: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", name.lower())
+
+    wanted = [norm(n) for n in only.split(",") if n.strip()]
+    chosen = [srv for srv in peers.SERVERS if any(norm(srv.name).startswith(w) for w in wanted)]
+    unknown = [w for w in wanted if not any(norm(srv.name).startswith(w) for srv in peers.SERVERS)]
+    if unknown or not chosen:
+        names = ", ".join(srv.name for srv in peers.SERVERS)
+        sys.exit(f"unknown server(s) {unknown}; choose from: {names}")
+    return chosen
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run of about a minute")
+    parser.add_argument(
+        "--only", metavar="NAME,...", help="servers to run, e.g. 'noproxy,trisocks'"
+    )
+    parser.add_argument("--duration", type=float, help="seconds per measurement window")
+    parser.add_argument(
+        "--markdown", type=Path, metavar="FILE", help="also write the tables as Markdown"
+    )
+    return parser.parse_args()
+
+
+FULL = Settings(
+    duration=4.0, warmup=0.5, rtt_count=20_000, idle_counts=(1_000, 5_000), hold_timeout=60
+)
+QUICK = Settings(
+    duration=1.0, warmup=0.25, rtt_count=5_000, idle_counts=(1_000, 5_000), hold_timeout=30
+)
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    base = QUICK if args.quick else FULL
+    return dataclasses.replace(base, duration=args.duration) if args.duration else base
+
+
+def method_notes(s: Settings) -> list[str]:
+    return [
+        f"each throughput/rate window {s.duration:g} s after {s.warmup:g} s warm-up; RTT: up to "
+        f"{s.rtt_count:,} 16-byte ping/pongs or {s.duration:g} s",
+        "servers run one at a time on 127.0.0.1; origin and load generators are separate "
+        "Python processes on the same machine, so all of them compete for the same cores",
+        "memory: Σ Pss over the server's process group (/proc/PID/smaps_rollup) of a fresh "
+        f"server warmed with {IDLE_WARMUP_CONNECTIONS} connections, then N sessions each "
+        "established with one 2-byte echo and left idle; kernel socket buffers not included",
+        "CPU: utime+stime (+cutime+cstime) over the server's process group, from /proc/PID/stat, "
+        "across the whole 1-stream bulk run, divided by GiB received by the client",
+    ]
+
+
+def main() -> None:
+    args = parse_args()
+    s = settings(args)
+    servers = select_servers(args.only)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # unwind through every `finally`
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by servers and generators
+    started = time.monotonic()
+    rows: dict[str, dict[str, Cell]] = {}
+    notes: dict[str, list[str]] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="trisocks-bench-") as tmp,
+        origin_server(Path(tmp)) as ports,
+    ):
+        for server in servers:
+            missing = server.missing()
+            if missing:
+                log(f"== {server.name}: skipped ({missing})")
+                notes[server.name] = [f"not run: {missing}"]
+                continue
+            log(f"== {server.name}")
+            t0 = time.monotonic()
+            rows[server.name], notes[server.name] = benchmark(server, ports, s, Path(tmp))
+            log(f"   ({time.monotonic() - t0:.0f} s)")
+    elapsed = time.monotonic() - started
+    results = report.Results(report.columns(s.idle_counts), rows, notes)
+    command = shlex.join(["python", "benchmarks/bench.py", *sys.argv[1:]])
+    preamble = [report.machine_line(), f"Command: `{command}` (took {elapsed:.0f} s)"]
+    print(report.as_text(results, preamble, method_notes(s)))
+    if args.markdown:
+        args.markdown.write_text(report.as_markdown(results, preamble, method_notes(s)))
+        log(f"wrote {args.markdown}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted; all started processes were stopped")

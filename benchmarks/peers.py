@@ -1,0 +1,211 @@
+"""The SOCKS5 servers under test and how to start each one.
+
+Each server is a ``Server`` whose ``prepare(port, workdir)`` returns a
+``Launch``: the command line, environment, the credentials clients must use
+(None = no authentication) and notes for the report's footnotes. ``check``
+(optional) inspects the started process and its output files (``stdout`` and
+``stderr`` in the workdir) and returns a note, e.g. whether pproxy really runs
+on uvloop. ``NO_PROXY`` is the direct-to-origin baseline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import procs
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+USER, PASSWORD = "bench", "benchpass"
+ADMIN_TOKEN = "benchtoken"
+
+
+@dataclass
+class Launch:
+    argv: list[str]
+    user: str | None = None
+    password: str | None = None
+    env: dict[str, str] | None = None
+    notes: list[str] = field(default_factory=list)
+    check: Callable[[int, Path], str] | None = None  # (pid, workdir) -> note, once it accepts
+
+
+@dataclass
+class Server:
+    name: str
+    prepare: Callable[[int, Path], Launch] | None  # None: no server (direct to origin)
+    missing: Callable[[], str | None] = lambda: None  # reason it cannot run, if any
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+
+
+def microsocks(port: int, workdir: Path) -> Launch:
+    argv = [_which("microsocks"), "-i", "127.0.0.1", "-p", str(port), "-u", USER, "-P", PASSWORD]
+    return Launch(
+        argv, USER, PASSWORD, notes=["username/password auth (-u/-P), one thread per connection"]
+    )
+
+
+DANTE_CONF = """\
+logoutput: stderr
+internal: 127.0.0.1 port = {port}
+external: 127.0.0.1
+clientmethod: none
+socksmethod: none
+user.privileged: {privileged}
+user.unprivileged: {unprivileged}
+client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}
+socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 command: connect }}
+"""
+
+
+def dante(port: int, workdir: Path) -> Launch:
+    is_root = os.geteuid() == 0
+    conf = workdir / "danted.conf"
+    conf.write_text(
+        DANTE_CONF.format(
+            port=port,
+            privileged="root" if is_root else os.environ.get("USER", "nobody"),
+            unprivileged="nobody" if is_root else os.environ.get("USER", "nobody"),
+        )
+    )
+    return Launch(
+        [_which("danted"), "-f", str(conf)],
+        notes=[
+            "no auth: Dante's username method checks system accounts (passwd/PAM), "
+            "which a benchmark should not create",
+            "forks negotiate/request/io child processes; CPU and memory are summed over them",
+        ],
+        check=dante_check,
+    )
+
+
+def dante_check(pid: int, workdir: Path) -> str:
+    problems = [
+        line.split(": ", 1)[-1].strip()
+        for line in (workdir / "stderr").read_text(errors="replace").splitlines()
+        if " error: " in line or " warning: " in line or " alert: " in line
+    ]
+    return f"startup problems: {'; '.join(problems)}" if problems else "started with no errors"
+
+
+def pproxy_uvloop_check(pid: int, workdir: Path) -> str:
+    text = (workdir / "stdout").read_text(errors="replace")
+    loop = next((line for line in text.splitlines() if line.startswith("event loop:")), "")
+    if "Using uvloop" in text and "uvloop.Loop" in loop and procs.maps_contain(pid, "uvloop/loop"):
+        return "runs on uvloop (pproxy printed 'Using uvloop', loop is uvloop.Loop)"
+    return f"WARNING: uvloop not confirmed; pproxy stdout: {text.strip()[:200]!r}"
+
+
+def pproxy(port: int, workdir: Path) -> Launch:
+    uri = f"socks5://127.0.0.1:{port}#{USER}:{PASSWORD}"
+    return Launch(
+        [sys.executable, str(HERE / "pproxy_uvloop.py"), "-l", uri],
+        USER,
+        PASSWORD,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        notes=[
+            "username/password auth (-l socks5://...#user:pass); started through "
+            "pproxy_uvloop.py because pproxy 2.7.9 crashes at startup with uvloop 0.23",
+        ],
+        check=pproxy_uvloop_check,
+    )
+
+
+def trisocks_command() -> list[str] | None:
+    exe = Path(sys.executable).parent / "trisocks"
+    if exe.exists():
+        return [str(exe)]
+    if (REPO / "trisocks" / "__main__.py").exists() or importlib.util.find_spec("trisocks.cli"):
+        return [sys.executable, "-m", "trisocks"]
+    return None
+
+
+def trisocks_missing() -> str | None:
+    return None if trisocks_command() else "no trisocks executable or trisocks/__main__.py yet"
+
+
+def has_flag(help_text: str, flag: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text) is not None
+
+
+def _run(argv: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def trisocks(port: int, workdir: Path) -> Launch:
+    """trisocks as users run it: password auth, admin API and accounting on.
+
+    Flags that ``trisocks serve --help`` does not list are dropped (with a note),
+    so the harness keeps working while the CLI is still growing.
+    """
+    cmd = trisocks_command()
+    helped = _run([*cmd, "serve", "--help"])
+    if helped.returncode != 0:
+        last = (helped.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"`trisocks serve --help` failed: {last}")
+    help_text = helped.stdout
+    db = workdir / "trisocks.db"
+    notes: list[str] = []
+    argv = [*cmd, "serve", "--listen", f"127.0.0.1:{port}"]
+    user = password = None
+    if has_flag(help_text, "--auth") and has_flag(help_text, "--db"):
+        added = _run(
+            [*cmd, "user", "add", USER, "--password-stdin", "--db", str(db)], PASSWORD + "\n"
+        )
+        if added.returncode == 0:
+            argv += ["--auth", "password", "--db", str(db)]
+            user, password = USER, PASSWORD
+            notes.append("username/password auth with a user in a fresh SQLite db")
+        else:
+            error = added.stderr.strip()[-300:]
+            notes.append(f"WARNING: `trisocks user add` failed, running without auth: {error}")
+    else:
+        notes.append("WARNING: `serve` has no --auth/--db yet, running without auth")
+    optional = [
+        ("--admin", f"127.0.0.1:{procs.free_port()}"),
+        ("--admin-token", ADMIN_TOKEN),
+        ("--log-level", "warning"),
+    ]
+    for flag, value in optional:
+        if has_flag(help_text, flag):
+            argv += [flag, value]
+        else:
+            notes.append(f"WARNING: `serve` has no {flag} yet, left out")
+    if has_flag(help_text, "--admin"):
+        notes.append(
+            "admin API on (own port, bearer token), accounting to the db, log level warning"
+        )
+    return Launch(argv, user, password, notes=notes)
+
+
+NO_PROXY = Server("no proxy", None)
+SERVERS = [
+    NO_PROXY,
+    Server(
+        "microsocks",
+        microsocks,
+        lambda: None if _which("microsocks") else "microsocks not installed",
+    ),
+    Server("dante", dante, lambda: None if _which("danted") else "danted not installed"),
+    Server(
+        "pproxy+uvloop",
+        pproxy,
+        lambda: (
+            None
+            if importlib.util.find_spec("pproxy") and importlib.util.find_spec("uvloop")
+            else "pproxy or uvloop not installed"
+        ),
+    ),
+    Server("trisocks", trisocks, trisocks_missing),
+]
