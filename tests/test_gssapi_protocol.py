@@ -16,6 +16,7 @@ from trisocks.protocol.gssapi import (
     GssProtocolError,
     MessageType,
     ProtectionLevel,
+    acceptable_level,
     choose_level,
     encode_frame,
     encode_protection_level,
@@ -89,6 +90,18 @@ def test_choose_level(
     requested: ProtectionLevel, accepted: set[ProtectionLevel], chosen: ProtectionLevel
 ) -> None:
     assert choose_level(requested, accepted) is chosen
+
+
+@pytest.mark.parametrize(
+    ("requested", "chosen", "ok"),
+    [
+        (INTEG, INTEG, True), (INTEG, CONF, True), (CONF, CONF, True),
+        (CONF, INTEG, False),  # a downgrade: the client closes
+        (SEL, INTEG, True), (SEL, CONF, True), (SEL, SEL, False), (INTEG, SEL, False),
+    ],
+)
+def test_acceptable_level(requested: ProtectionLevel, chosen: ProtectionLevel, ok: bool) -> None:
+    assert acceptable_level(requested, chosen) is ok
 
 
 def test_datagram_is_exactly_one_frame() -> None:

@@ -29,7 +29,7 @@ SERVE_HELP: dict[str, tuple[str, str]] = {
     "listen": ("HOST:PORT", "SOCKS listener; repeat for more; IPv6 as [::1]:1080 "
                "(default 127.0.0.1:1080)"),
     "auth": ("METHODS", "comma list of methods to offer, in order of preference: "
-             "password, none (default password)"),
+             "password, gssapi, none (default password)"),
     "db": ("PATH", f"SQLite file for users and accounting (default {default_db_path()})"),
     "allow_open_proxy": ("", "allow auth 'none' on a non-loopback listener"),
     "handshake_timeout": ("SECONDS", "greeting + auth + request must finish within this "
@@ -52,6 +52,12 @@ SERVE_HELP: dict[str, tuple[str, str]] = {
     "accounting_flush_interval": ("SECONDS", "how often live counters are written to the db "
                                   "(default 2)"),
     "max_sessions": ("N", "sessions at once; more connections are closed (default 10000)"),
+    "gss_keytab": ("PATH", "GSSAPI: keytab with the service's keys (default $KRB5_KTNAME, "
+                   "else the system keytab)"),
+    "gss_service": ("NAME", "GSSAPI: service name; clients ask for NAME/<proxy host>@REALM "
+                    "(default socks)"),
+    "gss_level": ("LEVELS", "GSSAPI protection levels accepted: 1 integrity, 2 confidentiality, "
+                  "or 1,2 (default 1,2)"),
     "rules": ("FILE", "access rules: a TOML file of [[rules]] tables (in the config file, "
               "[[rules]] may also be written inline); default: allow all but the admin "
               "endpoint and link-local addresses"),

@@ -7,6 +7,7 @@ raises :class:`ConfigError` naming the key at fault.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import tomllib
@@ -66,7 +67,8 @@ class Endpoint:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-AUTH_METHODS = ("none", "password")
+AUTH_METHODS = ("none", "password", "gssapi")
+GSS_LEVELS = (1, 2)
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 RELAY_ENGINES = ("auto", "splice", "copy")
@@ -85,7 +87,8 @@ class Config:
     listen: tuple[Endpoint, ...] = (Endpoint("127.0.0.1", 1080),)
     """SOCKS listeners."""
     auth: tuple[str, ...] = ("password",)
-    """Methods offered, in the server's order of preference: ``none``, ``password``."""
+    """Methods offered, in the server's order of preference: ``none``, ``password``,
+    ``gssapi``."""
     db: Path = attrs.field(factory=default_db_path)
     """SQLite file with users and accounting."""
     allow_open_proxy: bool = False
@@ -121,6 +124,12 @@ class Config:
     """Seconds between flushes of live counters into the accounting store."""
     max_sessions: int = 10000
     """Sessions at once, server-wide; beyond it new connections are closed at once."""
+    gss_keytab: Path | None = None
+    """GSSAPI: keytab with the service's keys; ``None``: ``KRB5_KTNAME`` or the system one."""
+    gss_service: str = "socks"
+    """GSSAPI: service name; clients ask for ``<service>/<proxy host>@REALM``."""
+    gss_level: tuple[int, ...] = GSS_LEVELS
+    """GSSAPI protection levels accepted (RFC 1961 §4): 1 integrity, 2 confidentiality."""
     rules: tuple[Rule, ...] = parse_rules(DEFAULT_RULES)
     """Access rules, first match wins (:mod:`trisocks.policy.rules`); TOML ``[[rules]]`` or a
     file of them. The shipped ones deny the admin endpoint and link-local addresses."""
@@ -181,10 +190,24 @@ def _auth(key: str, value: Any) -> tuple[str, ...]:
     methods = tuple(str(item).strip() for item in items)
     for method in methods:
         if method not in AUTH_METHODS:
-            raise ConfigError(f"{key}: unknown method {method!r} (known: none, password)")
+            raise ConfigError(
+                f"{key}: unknown method {method!r} (known: {', '.join(AUTH_METHODS)})"
+            )
     if len(set(methods)) != len(methods):
         raise ConfigError(f"{key}: a method is listed twice")
     return methods
+
+
+def _gss_level(key: str, value: Any) -> tuple[int, ...]:
+    items = str(value).split(",") if isinstance(value, str | int) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError(f"{key}: expected 1, 2 or \"1,2\", got {value!r}")
+    levels = {str(item).strip() for item in items}
+    if not levels <= {"1", "2"}:
+        raise ConfigError(
+            f"{key}: expected levels 1 (integrity) and/or 2 (confidentiality), got {value!r}"
+        )
+    return tuple(sorted(int(level) for level in levels))
 
 
 def _admin(key: str, value: Any) -> Endpoint | None:
@@ -288,6 +311,9 @@ KEYS: Mapping[str, Any] = {
     "log_level": _choice(LOG_LEVELS),
     "accounting_flush_interval": _positive,
     "max_sessions": _count,
+    "gss_keytab": _path,
+    "gss_service": _text,
+    "gss_level": _gss_level,
     "rules": _rules,
     "rules_default": _choice(("allow", "deny")),
     "groups": _groups,
@@ -327,6 +353,13 @@ def build_config(file_values: Mapping[str, Any], flag_values: Mapping[str, Any])
 
 
 def _check(config: Config) -> None:
+    if "gssapi" in config.auth and importlib.util.find_spec("gssapi") is None:
+        raise ConfigError(
+            "auth: gssapi needs the optional extra: pip install 'trisocks[gssapi]' "
+            "(and MIT Kerberos: libkrb5)"
+        )
+    if config.gss_keytab is not None and not config.gss_keytab.is_file():
+        raise ConfigError(f"gss_keytab: file {config.gss_keytab} does not exist")
     missing = groups_used(config.rules) - {name for name, _ in config.groups}
     if missing:
         raise ConfigError(f"rules: group @{sorted(missing)[0]} is not defined in groups")

@@ -12,10 +12,12 @@ from trisocks.client.errors import (
     SocksProtocolError,
     SocksReplyError,
 )
+from trisocks.client.gssapi import GSSAPI
 from trisocks.client.stream import SocksStream
 from trisocks.client.udp import SocksDatagramSocket, open_socks_udp
 
 __all__ = [
+    "GSSAPI",
     "SocksAuthError",
     "SocksBinding",
     "SocksClientError",

@@ -15,6 +15,8 @@ import attrs
 import trio
 
 from trisocks.client.errors import SocksAuthError, SocksProtocolError, SocksReplyError
+from trisocks.client.gssapi import GSSAPI
+from trisocks.gss.stream import GssStream
 from trisocks.protocol import (
     Address,
     Command,
@@ -42,8 +44,9 @@ T = TypeVar("T")
 
 ProxyAddress = tuple[str, int] | str
 """``(host, port)``, ``"host:port"`` or ``"[v6]:port"``."""
-Auth = tuple[str | bytes, str | bytes] | None
-"""``(username, password)`` for RFC 1929, or ``None`` to offer no authentication."""
+Auth = tuple[str | bytes, str | bytes] | GSSAPI | None
+"""``(username, password)`` for RFC 1929, :class:`GSSAPI` for RFC 1961, or ``None`` to offer
+no authentication."""
 
 RECEIVE_SIZE = 4096
 
@@ -67,7 +70,8 @@ def parse_proxy(proxy: ProxyAddress) -> tuple[str, int]:
 class Control:
     """A TCP connection to the proxy and the bytes received beyond the last parsed message."""
 
-    stream: trio.SocketStream
+    stream: trio.SocketStream | GssStream
+    """Wrapped (a GssStream) once GSSAPI has been negotiated."""
     buffer: bytearray = attrs.Factory(bytearray)
 
     async def read(self, parse: Callable[[bytearray], tuple[T, int] | None]) -> T:
@@ -92,20 +96,24 @@ class Control:
 
     async def negotiate(self, auth: Auth) -> None:
         """Offer no authentication, and username/password when *auth* is given (RFC 1928 §3,
-        RFC 1929); run the sub-negotiation if the proxy picks it.
+        RFC 1929); run the sub-negotiation if the proxy picks it. With :class:`GSSAPI`, offer
+        only that (its exchange is :meth:`GSSAPI.establish`).
 
         Raises:
             SocksAuthError: no acceptable method, or the credentials were rejected.
             SocksProtocolError: the proxy picked a method that was not offered.
         """
-        offered = (Method.NO_AUTH,) + ((Method.USERNAME_PASSWORD,) if auth else ())
+        if isinstance(auth, GSSAPI):
+            offered: tuple[Method, ...] = (Method.GSSAPI,)
+        else:
+            offered = (Method.NO_AUTH,) + ((Method.USERNAME_PASSWORD,) if auth else ())
         await self.stream.send_all(encode_greeting(offered))
         method = await self.read(parse_method_selection)
         if method == Method.NO_ACCEPTABLE:
             raise SocksAuthError("the proxy accepts none of the offered methods")
         if method not in offered:
             raise SocksProtocolError(f"the proxy chose method {method:#04x}, never offered")
-        if method == Method.USERNAME_PASSWORD and auth is not None:
+        if method == Method.USERNAME_PASSWORD and isinstance(auth, tuple):
             await self.stream.send_all(encode_auth_request(*auth))
             if not await self.read(parse_auth_response):
                 raise SocksAuthError("the proxy rejected the username or password")
@@ -140,9 +148,12 @@ async def connect_control(proxy: ProxyAddress, auth: Auth) -> Control:
         SocksAuthError, SocksProtocolError: see :meth:`Control.negotiate`.
     """
     host, port = parse_proxy(proxy)
-    control = Control(await trio.open_tcp_stream(host, port))
-    async with closed_on_error(control.stream):
+    stream = await trio.open_tcp_stream(host, port)
+    control = Control(stream)
+    async with closed_on_error(stream):
         await control.negotiate(auth)
+        if isinstance(auth, GSSAPI):
+            control.stream = await auth.establish(stream, control.buffer, host)
     return control
 
 

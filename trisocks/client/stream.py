@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import trio
 
+from trisocks.gss.stream import GssStream
+
 __all__ = ["SocksStream"]
 
 
@@ -16,7 +18,10 @@ class SocksStream(trio.abc.HalfCloseableStream):
     """
 
     def __init__(
-        self, stream: trio.SocketStream, leftover: bytes, bound_address: tuple[str, int]
+        self,
+        stream: trio.SocketStream | GssStream,
+        leftover: bytes,
+        bound_address: tuple[str, int],
     ) -> None:
         self.stream = stream
         """The underlying connection to the proxy."""

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from trisocks.client.handshake import Auth, ProxyAddress, connect_control
+from trisocks.gss.stream import GssStream
 from trisocks.protocol import (
     Address,
     Command,
@@ -34,10 +35,16 @@ class SocksDatagramSocket:
     """A UDP socket whose datagrams go through the proxy's relay."""
 
     def __init__(
-        self, sock: trio.socket.SocketType, relay: Address, fragment_size: int | None
+        self,
+        sock: trio.socket.SocketType,
+        relay: Address,
+        fragment_size: int | None,
+        gss: GssStream | None = None,
     ) -> None:
         self._sock = sock
         self._fragment_size = fragment_size
+        self._gss = gss
+        """After GSSAPI, each datagram travels as one wrapped frame (RFC 1961 §5)."""
         self.relay_address: tuple[str, int] = (relay.host, relay.port)
         """The proxy's UDP relay (BND.ADDR/BND.PORT of the reply)."""
 
@@ -54,7 +61,7 @@ class SocksDatagramSocket:
         else:
             datagrams = fragment(target, data, self._fragment_size)
         for datagram in datagrams:
-            await self._sock.send(datagram)
+            await self._sock.send(self._gss.wrap_datagram(datagram) if self._gss else datagram)
 
     async def receive_from(self) -> tuple[bytes, tuple[str, int]]:
         """Wait for the next datagram relayed to us.
@@ -67,6 +74,8 @@ class SocksDatagramSocket:
         while True:
             datagram = await self._sock.recv(MAX_DATAGRAM)
             try:
+                if self._gss is not None:
+                    datagram = self._gss.unwrap_datagram(datagram)
                 header = parse_udp_header(datagram)
             except SocksError:
                 continue
@@ -107,4 +116,5 @@ async def open_socks_udp(
             own = sock.getsockname()
             relay = await control.request(Command.UDP_ASSOCIATE, Address.of(own[0], own[1]))
             await sock.connect((relay.host, relay.port))
-            yield SocksDatagramSocket(sock, relay, fragment_size)
+            gss = control.stream if isinstance(control.stream, GssStream) else None
+            yield SocksDatagramSocket(sock, relay, fragment_size, gss)

@@ -34,6 +34,7 @@ __all__ = [
     "GssProtocolError",
     "MessageType",
     "ProtectionLevel",
+    "acceptable_level",
     "choose_level",
     "encode_frame",
     "encode_protection_level",
@@ -158,3 +159,14 @@ def choose_level(
     if not accepted:
         raise ValueError("no accepted protection level")
     return min(accepted, key=lambda level: (abs(level - requested), -level))
+
+
+def acceptable_level(requested: ProtectionLevel, chosen: ProtectionLevel) -> bool:
+    """The client's check of the server's answer (§4.4: if it is unacceptable, close).
+
+    At least the protection asked for; for "selective", integrity or confidentiality. A
+    chosen "selective" is never acceptable: nothing here can apply a per-message policy.
+    """
+    if chosen == ProtectionLevel.SELECTIVE:
+        return False
+    return requested == ProtectionLevel.SELECTIVE or chosen >= requested

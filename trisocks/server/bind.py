@@ -25,6 +25,7 @@ import trio
 
 from trisocks.protocol import Address, AddressType, Reply, Request
 from trisocks.server.common import (
+    ClientStream,
     address_of,
     announced_address,
     format_sockaddr,
@@ -44,7 +45,7 @@ IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 async def handle_bind(
-    stream: trio.SocketStream,
+    stream: ClientStream,
     session: Session,
     request: Request,
     leftover: bytes,
@@ -100,7 +101,7 @@ async def _expected_peer_ips(address: Address) -> frozenset[IP] | None:
 
 
 async def _wait_for_peer(
-    stream: trio.SocketStream,
+    stream: ClientStream,
     listener: trio.socket.SocketType,
     expected: frozenset[IP] | None,
     early: bytearray,

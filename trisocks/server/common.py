@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from trisocks.gss.stream import GssStream, relay_gss
 from trisocks.protocol import Address, Reply, encode_reply
 from trisocks.server.relay import relay
 from trisocks.sessions import Session
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTROL_BUFFER_LIMIT",
+    "ClientStream",
     "address_of",
     "announced_address",
     "format_sockaddr",
@@ -30,6 +32,10 @@ __all__ = [
 CONTROL_BUFFER_LIMIT = 64 * 1024
 """Bytes :func:`watch_control` keeps for later; beyond it, TCP flow control holds the rest."""
 
+ClientStream = trio.SocketStream | GssStream
+"""The client connection as handlers see it: plain, or wrapped after GSSAPI (RFC 1961). Both
+have ``socket`` for addresses; only a plain one can be relayed by file descriptor."""
+
 
 def address_of(sockaddr: Any) -> Address:
     """A socket address tuple (IPv4 or IPv6) as a protocol Address."""
@@ -42,7 +48,7 @@ def format_sockaddr(sockaddr: Any) -> str:
 
 
 async def send_reply(
-    stream: trio.SocketStream, session: Session, reply: Reply, bound: Address | None = None
+    stream: ClientStream, session: Session, reply: Reply, bound: Address | None = None
 ) -> None:
     """Send a reply and remember it as the session's outcome."""
     session.reply = reply
@@ -62,7 +68,7 @@ def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
-async def open_local_socket(stream: trio.SocketStream, type: int) -> trio.socket.SocketType:
+async def open_local_socket(stream: ClientStream, type: int) -> trio.socket.SocketType:
     """A socket of *type* bound to the control connection's local address, port 0.
 
     BIND and UDP ASSOCIATE open theirs there, so the client (and its peer) can reach it the way
@@ -89,7 +95,7 @@ def announced_address(ctx: ServerContext, sockaddr: Any) -> Address:
     return address_of(sockaddr)
 
 
-async def watch_control(stream: trio.SocketStream, keep: bytearray | None = None) -> None:
+async def watch_control(stream: ClientStream, keep: bytearray | None = None) -> None:
     """Return once the client has closed the control connection (EOF or a socket error).
 
     Bytes the client sends meanwhile are appended to *keep* (up to
@@ -109,7 +115,7 @@ async def watch_control(stream: trio.SocketStream, keep: bytearray | None = None
 
 
 async def relay_session(
-    stream: trio.SocketStream,
+    stream: ClientStream,
     upstream: trio.SocketStream,
     leftover: bytes,
     session: Session,
@@ -121,9 +127,14 @@ async def relay_session(
     if leftover:
         await upstream.send_all(leftover)
         session.counters.bytes_up += len(leftover)
-    failure = await relay(
-        stream, upstream, session.counters, ctx.engine, ctx.config.idle_timeout,
-        ctx.guard.throttles(session),
-    )
+    throttles = ctx.guard.throttles(session)
+    if isinstance(stream, GssStream):  # wrapped bytes: no splice, no fd copy
+        failure = await relay_gss(
+            stream, upstream, session.counters, ctx.config.idle_timeout, throttles
+        )
+    else:
+        failure = await relay(
+            stream, upstream, session.counters, ctx.engine, ctx.config.idle_timeout, throttles
+        )
     if failure is not None:
         session.close_reason = f"relay: {failure.strerror or failure}"

@@ -6,7 +6,13 @@ from __future__ import annotations
 import trio
 
 from trisocks.protocol import Reply, Request
-from trisocks.server.common import address_of, format_sockaddr, relay_session, send_reply
+from trisocks.server.common import (
+    ClientStream,
+    address_of,
+    format_sockaddr,
+    relay_session,
+    send_reply,
+)
 from trisocks.server.context import ServerContext
 from trisocks.server.dial import Denied, dial
 from trisocks.server.errors import reply_for
@@ -18,7 +24,7 @@ HAPPY_EYEBALLS_DELAY = 0.25
 
 
 async def handle_connect(
-    stream: trio.SocketStream,
+    stream: ClientStream,
     session: Session,
     request: Request,
     leftover: bytes,

@@ -1,7 +1,9 @@
 """The server's side of the handshake: greeting, optional RFC 1929 auth, request.
 
 Reading works on a buffer, so split messages, and messages (or payload) that arrive together,
-are both fine; whatever follows the request is handed on as ``leftover``.
+are both fine; whatever follows the request is handed on as ``leftover``. After GSSAPI (RFC
+1961) the request and everything after it travel wrapped: the handshake then hands on the
+connection as a :class:`~trisocks.gss.stream.GssStream`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from trisocks.protocol import (
     parse_greeting,
     parse_request,
 )
+from trisocks.server.common import ClientStream
 from trisocks.server.context import ServerContext
+from trisocks.server.gssapi import GssAuthFailed, accept_gssapi
 from trisocks.sessions import Session
 
 __all__ = ["HandshakeFailed", "handshake"]
@@ -39,7 +43,11 @@ _REASON = {
     AddressTypeNotSupported: "address_type_not_supported",
 }
 
-METHOD_OF = {"none": Method.NO_AUTH, "password": Method.USERNAME_PASSWORD}
+METHOD_OF = {
+    "none": Method.NO_AUTH,
+    "password": Method.USERNAME_PASSWORD,
+    "gssapi": Method.GSSAPI,
+}
 
 
 class HandshakeFailed(Exception):
@@ -51,7 +59,7 @@ class HandshakeFailed(Exception):
 
 
 async def _read(
-    stream: trio.SocketStream,
+    stream: trio.abc.ReceiveStream,
     buf: bytearray,
     parse: Callable[[bytearray], tuple[T, int] | None],
 ) -> T:
@@ -69,8 +77,9 @@ async def _read(
 
 async def handshake(
     stream: trio.SocketStream, session: Session, ctx: ServerContext
-) -> tuple[Request, bytes]:
-    """Run the handshake; return the request and any bytes the client sent after it.
+) -> tuple[Request, bytes, ClientStream]:
+    """Run the handshake; return the request, any bytes the client sent after it, and the
+    stream to go on with (*stream* itself, or the GSSAPI-wrapped one).
 
     Raises HandshakeFailed after answering whatever the RFC says to answer."""
     buf = bytearray()
@@ -99,11 +108,17 @@ async def handshake(
             raise HandshakeFailed("auth_failed", f"bad credentials for user {name!r}")
         session.user = user
         await stream.send_all(encode_auth_response(True))
+    client: ClientStream = stream
+    if method == Method.GSSAPI:
+        try:
+            client = await accept_gssapi(stream, buf, session, ctx)
+        except GssAuthFailed as exc:
+            raise HandshakeFailed("auth_failed", f"gssapi: {exc}") from None
     try:
-        request = await _read(stream, buf, parse_request)
+        request = await _read(client, buf, parse_request)
     except SocksError as exc:
         reply = exc.reply or Reply.GENERAL_FAILURE
         session.reply = reply
-        await stream.send_all(encode_reply(reply))
+        await client.send_all(encode_reply(reply))
         raise HandshakeFailed(_REASON.get(type(exc), "malformed"), str(exc)) from None
-    return request, bytes(buf)
+    return request, bytes(buf), client

@@ -61,7 +61,7 @@ async def handle_client(stream: trio.SocketStream, ctx: ServerContext) -> None:
 
 async def _serve(stream: trio.SocketStream, session: Session, ctx: ServerContext, ip: IP) -> None:
     with ctx.guard.handshaking(), trio.fail_after(ctx.config.handshake_timeout):
-        request, leftover = await handshake(stream, session, ctx)
+        request, leftover, client = await handshake(stream, session, ctx)
     if session.user is not None:
         ctx.guard.auth_result(ip, ok=True)
     session.command = COMMAND_NAMES[request.command]
@@ -72,10 +72,10 @@ async def _serve(stream: trio.SocketStream, session: Session, ctx: ServerContext
         log.info("session %s: %s %s refused: %s", session.id, session.command, session.target,
                  refusal)
         session.close_reason = refusal
-        await send_reply(stream, session, Reply.NOT_ALLOWED)
+        await send_reply(client, session, Reply.NOT_ALLOWED)
         return
     with trio.move_on_after(ctx.guard.max_duration(session) or math.inf) as lifetime:
-        await HANDLERS[request.command](stream, session, request, leftover, ctx)
+        await HANDLERS[request.command](client, session, request, leftover, ctx)
     if lifetime.cancelled_caught:
         session.close_reason = "max session duration"
 

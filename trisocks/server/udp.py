@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
+from trisocks.gss.stream import GssStream
 from trisocks.protocol import (
     Address,
     AddressType,
@@ -40,6 +41,7 @@ from trisocks.protocol import (
     parse_udp_header,
 )
 from trisocks.server.common import (
+    ClientStream,
     address_of,
     announced_address,
     ip_of,
@@ -65,7 +67,7 @@ Endpoint = tuple[Any, int]
 
 
 async def handle_udp_associate(
-    stream: trio.SocketStream,
+    stream: ClientStream,
     session: Session,
     request: Request,
     leftover: bytes,
@@ -80,7 +82,8 @@ async def handle_udp_associate(
         return
     with relay_socket:
         client = ClientFilter(ip_of(stream.socket.getpeername()[0]), request.address.port or None)
-        association = Association(ctx, session, relay_socket, client)
+        gss = stream if isinstance(stream, GssStream) else None
+        association = Association(ctx, session, relay_socket, client, gss)
         bound = announced_address(ctx, relay_socket.getsockname())
         await send_reply(stream, session, Reply.SUCCEEDED, bound)
         ctx.registry.set_state(session, "relaying")
@@ -185,6 +188,8 @@ class Association:
     session: Session
     relay_socket: trio.socket.SocketType
     client: ClientFilter
+    gss: GssStream | None = None
+    """After GSSAPI, each datagram travels as one wrapped frame (RFC 1961 §5)."""
     fragments: FragmentQueue = attrs.field(init=False)
     names: NameCache = attrs.Factory(NameCache)
     _targets: dict[Endpoint, None] = attrs.Factory(dict)
@@ -199,7 +204,7 @@ class Association:
         self.fragments = FragmentQueue(reassembler, self.ctx.stats)
         self._allowed = self.ctx.guard.datagram_check(self.session)
 
-    async def run(self, control: trio.SocketStream) -> None:
+    async def run(self, control: ClientStream) -> None:
         """Relay until rule 4 ends the association."""
         with contextlib.ExitStack() as sockets, self._idle:
             self._touch()
@@ -248,6 +253,8 @@ class Association:
             self._drop("foreign_source")
             return None
         try:
+            if self.gss is not None:
+                datagram = self.gss.unwrap_datagram(datagram)
             header = parse_udp_header(datagram)
         except SocksError:
             self._drop("malformed")
@@ -311,6 +318,8 @@ class Association:
                 continue
             packet = encode_udp_header(address_of(source)) + data
             try:
+                if self.gss is not None:
+                    packet = self.gss.wrap_datagram(packet)
                 await self.relay_socket.sendto(packet, self.client.reply_to)
             except OSError:
                 self._drop("unreachable")
