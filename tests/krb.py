@@ -25,10 +25,10 @@ import attrs
 
 REALM = "TRISOCKS.TEST"
 USER, USER_PASSWORD = "alice", "kerberos-pass"
-OTHER_REALM_USER = "bob"
 SERVICE_HOST = "localhost"
 PROGRAMS = ("kdb5_util", "kadmin.local", "krb5kdc", "kinit")
 SBIN = ("/usr/sbin", "/usr/local/sbin")
+KEYTAB = "socks.keytab"
 
 
 def _which(program: str) -> str | None:
@@ -58,37 +58,36 @@ class Realm:
     setup_seconds: float = 0.0
 
     def environ(self) -> dict[str, str]:
-        d = self.directory
-        return {
-            "KRB5_CONFIG": str(d / "krb5.conf"),
-            "KRB5_KDC_PROFILE": str(d / "kdc.conf"),
-            "KRB5CCNAME": f"FILE:{d / 'ccache'}",
-            "KRB5RCACHEDIR": str(d / "rcache"),
-            "KRB5_KTNAME": f"FILE:{self.keytab}",
-            "KRB5_CLIENT_KTNAME": f"FILE:{d / 'nonexistent.keytab'}",
-        }
-
-    def run(self, *argv: str, stdin: str = "") -> str:
-        """Run a krb5 program against this realm; its output, or AssertionError with it."""
-        program = _which(argv[0]) or argv[0]
-        result = subprocess.run(
-            [program, *argv[1:]], input=stdin, capture_output=True, text=True, timeout=20,
-            env={**os.environ, **self.environ()},
-        )
-        assert result.returncode == 0, f"{' '.join(argv)}: {result.stdout}{result.stderr}"
-        return result.stdout
+        return _environ(self.directory)
 
     def kinit(self, principal: str = USER, password: str = USER_PASSWORD) -> None:
         """Get a TGT into the realm's credential cache."""
-        self.run("kinit", principal, stdin=password + "\n")
-
-    def kdestroy(self) -> None:
-        (self.directory / "ccache").unlink(missing_ok=True)
+        _run(self.directory, "kinit", principal, stdin=password + "\n")
 
     def stop(self) -> None:
         if self.kdc.poll() is None:
             self.kdc.kill()
         self.kdc.wait(timeout=10)
+
+
+def _environ(d: Path) -> dict[str, str]:
+    return {
+        "KRB5_CONFIG": str(d / "krb5.conf"),
+        "KRB5_KDC_PROFILE": str(d / "kdc.conf"),
+        "KRB5CCNAME": f"FILE:{d / 'ccache'}",
+        "KRB5RCACHEDIR": str(d / "rcache"),
+        "KRB5_KTNAME": f"FILE:{d / KEYTAB}",
+    }
+
+
+def _run(d: Path, *argv: str, stdin: str = "") -> None:
+    """Run a krb5 program against the realm in *d*; RuntimeError with its output if it fails."""
+    result = subprocess.run(
+        [_which(argv[0]) or argv[0], *argv[1:]], input=stdin, capture_output=True, text=True,
+        timeout=20, env={**os.environ, **_environ(d)},
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {result.stdout}{result.stderr}")
 
 
 def _free_port() -> int:
@@ -157,24 +156,24 @@ def start_realm(directory: Path) -> Realm:
     started = time.monotonic()
     port = _free_port()
     _write_configs(directory, port)
-    keytab = directory / "socks.keytab"
-    realm = Realm(directory, port, kdc=None, keytab=keytab)  # type: ignore[arg-type]
+    keytab = directory / KEYTAB
     # -W: the master key from the non-blocking random source; a test realm needs no entropy.
-    realm.run("kdb5_util", "create", "-s", "-W", "-r", REALM, "-P", "master-pass")
-    realm.run("kadmin.local", stdin="\n".join([
+    _run(directory, "kdb5_util", "create", "-s", "-W", "-r", REALM, "-P", "master-pass")
+    _run(directory, "kadmin.local", stdin="\n".join([
         f"addprinc -pw {USER_PASSWORD} {USER}",
         f"addprinc -randkey socks/{SERVICE_HOST}",
         f"addprinc -randkey other/{SERVICE_HOST}",
         f"ktadd -k {keytab} socks/{SERVICE_HOST}",
         "",
     ]))
-    realm.kdc = subprocess.Popen(
+    kdc = subprocess.Popen(
         [_which("krb5kdc") or "krb5kdc", "-n", "-r", REALM],
-        env={**os.environ, **realm.environ()},
+        env={**os.environ, **_environ(directory)},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    realm = Realm(directory, port, kdc, keytab)
     try:
-        _wait_answering(realm.kdc, port, directory)
+        _wait_answering(kdc, port, directory)
     except BaseException:
         realm.stop()
         raise

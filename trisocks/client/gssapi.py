@@ -64,15 +64,20 @@ class GSSAPI:
         channel = FrameChannel(stream, received)
         received.clear()
         initiator = mech.Initiator(self.service, self.host or proxy_host, requested)
+
+        async def step(token: bytes | None) -> bytes | None:
+            # abandon_on_cancel: a KDC that does not answer must not outlive the caller's
+            # cancel scope; the thread left behind only ends a step of an unused context.
+            return await trio.to_thread.run_sync(initiator.step, token, abandon_on_cancel=True)
+
         try:
-            token = await trio.to_thread.run_sync(initiator.step, None)
+            token = await step(None)
             while True:
                 if token is not None:
                     await channel.send(MessageType.CONTEXT, token)
                 if initiator.complete:
                     break
-                reply = await channel.expect(MessageType.CONTEXT)
-                token = await trio.to_thread.run_sync(initiator.step, reply)
+                token = await step(await channel.expect(MessageType.CONTEXT))
             octet = encode_protection_level(requested)
             await channel.send(MessageType.PROTECTION, initiator.wrap_level(octet))
             answer = initiator.unwrap_level(await channel.expect(MessageType.PROTECTION))

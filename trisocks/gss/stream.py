@@ -167,10 +167,10 @@ class GssStream(trio.abc.HalfCloseableStream):
                     return payload
             return b""
         except (SocksError, GssFailure) as exc:
-            await self.abort(answer=not isinstance(exc, GssAborted))
+            await self._abort(answer=not isinstance(exc, GssAborted))
             raise trio.BrokenResourceError(f"GSS-API: {exc}") from exc
 
-    async def abort(self, *, answer: bool = True) -> None:
+    async def _abort(self, *, answer: bool) -> None:
         """Rule 3: send ``01 FF`` (when *answer*) between frames, then close the transport."""
         if answer:
             with trio.move_on_after(ABORT_GRACE):
