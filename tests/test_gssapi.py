@@ -29,7 +29,13 @@ from tests.conftest import Proxy, read_reply, receive_all, receive_exactly
 from tests.test_admin_support import ADMIN, TOKEN, admin_url
 from tests.test_connect import connect_request
 from tests.test_udp import start_udp_echo
-from trisocks.client import GSSAPI, SocksAuthError, open_socks_stream, open_socks_udp
+from trisocks.client import (
+    GSSAPI,
+    SocksAuthError,
+    open_socks_bind,
+    open_socks_stream,
+    open_socks_udp,
+)
 from trisocks.config import ConfigError, build_config
 from trisocks.gss.stream import GssStream
 from trisocks.protocol import Address, encode_udp_header, parse_udp_header
@@ -376,6 +382,19 @@ async def test_client_library_connect(
         auth = GSSAPI(level=level, host=LOCALHOST)
         async with await open_socks_stream(proxy.address, *echo_server, auth=auth) as stream:
             assert await exchange(stream, PAYLOAD[:100_000]) == PAYLOAD[:100_000]
+
+
+async def test_client_library_bind(gss_proxy: Callable[..., Any]) -> None:
+    with trio.fail_after(10):
+        proxy = await gss_proxy()
+        async with open_socks_bind(proxy.address, "127.0.0.1", 0,
+                                   auth=GSSAPI(host=LOCALHOST)) as binding:
+            async with await trio.open_tcp_stream(*binding.address) as peer:
+                stream, _ = await binding.accept()
+                await peer.send_all(b"from peer")
+                assert await receive_exactly(stream, 9) == b"from peer"
+                await stream.send_all(b"from client")
+                assert await receive_exactly(peer, 11) == b"from client"
 
 
 async def test_client_library_udp(gss_proxy: Callable[..., Any], nursery: trio.Nursery) -> None:
