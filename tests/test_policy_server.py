@@ -304,3 +304,40 @@ def test_user_limits_cli(tmp_path: Path) -> None:
                          capture_output=True)
     assert bad.returncode == 2 and "no user 'nobody'" in bad.stderr
     logging.getLogger().handlers.clear()
+
+
+async def test_admin_api_reload_limits_and_metrics(
+    start_proxy: StartProxy, echo_server: tuple[str, int], tmp_path: Path
+) -> None:
+    import httpx
+
+    from trisocks.config import Endpoint
+
+    proxy = await start_proxy(admin=Endpoint("127.0.0.1", 0), admin_token="t0ken")
+    host, port = proxy.ctx.admin_address or ("", 0)
+    config_file = tmp_path / "trisocks.toml"
+    config_file.write_text(
+        f'rules = [{{ id = "no-echo", action = "deny", ports = [{echo_server[1]}] }}]\n'
+    )
+    proxy.ctx.load_config = lambda: build_config(load_file(config_file), {})
+    headers = {"Authorization": "Bearer t0ken"}
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", headers=headers) as api:
+            put = await api.put(f"/api/users/{USER}/limits",
+                                json={"quota_day": 1 << 30, "rate_up": 1 << 20})
+            assert put.status_code == 200 and put.json()["limits"]["quota_day"] == 1 << 30
+            user = (await api.get(f"/api/users/{USER}")).json()
+            assert user["limits"]["rate_up"] == 1 << 20 and user["quota_used"]["day"] == 0
+            bad = await api.put(f"/api/users/{USER}/limits", json={"quota_day": -1})
+            assert bad.status_code == 400
+            reloaded = await api.post("/api/reload")
+            assert reloaded.status_code == 200 and reloaded.json()["rules"] == 1
+            stream, rep, _, _ = await request_reply(proxy, connect_request(*echo_server))
+            assert rep == 2
+            await stream.aclose()
+            config_file.write_text("rules = 7\n")
+            rejected = await api.post("/api/reload")
+            assert rejected.status_code == 400 and "rules" in rejected.json()["error"]
+            metrics = (await api.get("/metrics")).text
+    assert 'trisocks_denied_total{rule="no-echo"} 1.0' in metrics
+    assert 'trisocks_reloads_total{outcome="failed"} 1.0' in metrics

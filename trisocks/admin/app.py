@@ -12,6 +12,7 @@ from werkzeug.exceptions import HTTPException, Unauthorized
 import admin_ui
 from trisocks.admin.errors import json_error
 from trisocks.admin.events import EventHub
+from trisocks.admin.policy_api import policy_blueprint
 from trisocks.admin.sessions_api import sessions_blueprint
 from trisocks.admin.static import static_blueprint
 from trisocks.admin.status_api import status_blueprint
@@ -54,6 +55,7 @@ def create_app(
     app.register_error_handler(HTTPException, json_error)
     app.register_blueprint(sessions_blueprint(ctx, hub))
     app.register_blueprint(users_blueprint(ctx))
+    app.register_blueprint(policy_blueprint(ctx))
     app.register_blueprint(status_blueprint(ctx))
     app.register_blueprint(static_blueprint(static_dir))
     return app

@@ -85,6 +85,12 @@ class ProxyCollector:
             "Connections closed at accept because max_sessions was reached.",
             value=stats.rejected_over_limit,
         )
+        yield _counter("trisocks_limited", "Connections or requests refused by a limit.",
+                       ["limit"], dict(stats.limited))
+        yield _counter("trisocks_denied", "Requests and UDP datagrams denied, by rule id.",
+                       ["rule"], dict(stats.denied))
+        yield _counter("trisocks_reloads", "Config reloads, by outcome.", ["outcome"],
+                       dict(stats.reloads))
         yield _counter("trisocks_replies", "Final SOCKS replies sent, by REP code.", ["rep"],
                        {f"{rep:02x}": n for rep, n in stats.replies.items()})
         yield GaugeMetricFamily("trisocks_uptime_seconds", "Seconds since the server started.",

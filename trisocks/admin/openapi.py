@@ -59,6 +59,20 @@ _KILLED = {"200": _json("How many sessions were told to end", _ref("Killed"))}
 _PASSWORD = {"type": "string", "minLength": 1, "maxLength": 255,
              "description": "1..255 bytes in UTF-8 (RFC 1929)."}
 _PUBLIC: list[dict[str, list[str]]] = []
+_USER_FIELDS = {
+    "user": {"type": "string", "description": "(anonymous) for sessions without auth"},
+    "active_sessions": _COUNT,
+    "sessions_total": _COUNT,
+    "bytes_up": _COUNT,
+    "bytes_down": _COUNT,
+    "datagrams_up": _COUNT,
+    "datagrams_down": _COUNT,
+    "last_seen": {"type": ["string", "null"], "format": "date-time"},
+}
+_POLICY_FIELDS = {
+    "limits": _ref("Limits"),
+    "quota_used": _object({"day": _COUNT, "month": _COUNT}),
+}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": _object({"error": {"type": "string"}}),
@@ -79,17 +93,24 @@ _SCHEMAS: dict[str, Any] = {
         "datagrams_down": _COUNT,
     }),
     "SessionList": _object({"sessions": {"type": "array", "items": _ref("Session")}}),
-    "User": _object({
-        "user": {"type": "string", "description": "(anonymous) for sessions without auth"},
-        "active_sessions": _COUNT,
-        "sessions_total": _COUNT,
-        "bytes_up": _COUNT,
-        "bytes_down": _COUNT,
-        "datagrams_up": _COUNT,
-        "datagrams_down": _COUNT,
-        "last_seen": {"type": ["string", "null"], "format": "date-time"},
-    }),
+    "User": _object(_USER_FIELDS),
     "UserList": _object({"users": {"type": "array", "items": _ref("User")}}),
+    "Limits": _object({
+        "max_sessions": {"type": ["integer", "null"], "minimum": 1},
+        "max_session_duration": {"type": ["number", "null"], "description": "seconds"},
+        "rate_up": {"type": ["integer", "null"], "description": "bytes/s, client to targets"},
+        "rate_down": {"type": ["integer", "null"], "description": "bytes/s, targets to client"},
+        "quota_day": {"type": ["integer", "null"], "description": "bytes per UTC day"},
+        "quota_month": {"type": ["integer", "null"], "description": "bytes per UTC month"},
+    }),
+    "UserPolicy": _object(_POLICY_FIELDS),
+    "UserDetail": _object({**_USER_FIELDS, **_POLICY_FIELDS}),
+    "Reloaded": _object({
+        "rules": _COUNT,
+        "ended": {**_COUNT, "description": "sessions the new rules or users no longer allow"},
+        "restart_needed": {"type": "array", "items": {"type": "string"},
+                           "description": "changed keys that keep their value until a restart"},
+    }),
     "NewUser": _object({"user": {"type": "string"}, "password": _PASSWORD}),
     "NewPassword": _object({"password": _PASSWORD}),
     "Stats": _object({
@@ -158,7 +179,8 @@ OPENAPI: dict[str, Any] = {
             ),
         },
         "/api/users/{name}": {
-            "get": _operation("One user's usage", {"200": _json("User", _ref("User"))}, "404",
+            "get": _operation("One user's usage, limits and quota use",
+                              {"200": _json("User", _ref("UserDetail"))}, "404",
                               parameters=[_USER_NAME]),
             "delete": _operation("Remove a user and end its sessions", _NO_CONTENT, "404",
                                  parameters=[_USER_NAME]),
@@ -169,6 +191,25 @@ OPENAPI: dict[str, Any] = {
                 parameters=[_USER_NAME],
                 requestBody={"required": True, "content": {
                     "application/json": {"schema": _ref("NewPassword")}}},
+            ),
+        },
+        "/api/users/{name}/limits": {
+            "get": _operation("A user's limits and quota use",
+                              {"200": _json("Limits", _ref("UserPolicy"))}, "404",
+                              parameters=[_USER_NAME]),
+            "put": _operation(
+                "Change some of a user's limits (null clears one); applies within a second",
+                {"200": _json("Limits", _ref("UserPolicy"))}, "400", "404",
+                parameters=[_USER_NAME],
+                requestBody={"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "properties": _SCHEMAS["Limits"]["properties"],
+                    "additionalProperties": False}}}},
+            ),
+        },
+        "/api/reload": {
+            "post": _operation(
+                "Re-read config, rules and users; end the sessions they no longer allow",
+                {"200": _json("Reloaded", _ref("Reloaded"))}, "400",
             ),
         },
         "/api/users/{name}/sessions": {

@@ -15,6 +15,7 @@ from quart.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest, Conflict, NotFound
 
 from trisocks.admin.errors import json_body
+from trisocks.admin.policy_api import policy_json
 from trisocks.admin.revocation import kill_user_sessions, revoke
 from trisocks.admin.shapes import usage_json
 from trisocks.passwords import hash_password
@@ -57,7 +58,7 @@ def users_blueprint(ctx: ServerContext) -> Blueprint:
         rows = usage(name)
         if not rows:
             raise NotFound(f"no user {name!r}")
-        return rows[0]
+        return {**rows[0], **policy_json(ctx, name)}
 
     @bp.post("/api/users")
     async def add_user() -> ResponseReturnValue:
