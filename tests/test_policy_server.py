@@ -341,3 +341,50 @@ async def test_admin_api_reload_limits_and_metrics(
             metrics = (await api.get("/metrics")).text
     assert 'trisocks_denied_total{rule="no-echo"} 1.0' in metrics
     assert 'trisocks_reloads_total{outcome="failed"} 1.0' in metrics
+
+
+def test_sighup_reloads_the_config_file_and_rejects_a_broken_one(tmp_path: Path) -> None:
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    from tests.test_cli import TRISOCKS, free_port, recv_exactly, run, wait_listening
+
+    db = tmp_path / "t.db"
+    run("user", "add", "alice", "--password-stdin", stdin="topsecret\n", db=db)
+    port, closed = free_port(), free_port()
+    config = tmp_path / "t.toml"
+    base = f'listen = ["127.0.0.1:{port}"]\ndb = "{db}"\nadmin = "off"\n'
+    config.write_text(base)
+
+    def connect_rep() -> int:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            hello = b"\x05\x01\x02\x01\x05alice\x09topsecret"  # greeting, RFC 1929 auth
+            s.sendall(hello + connect_request("127.0.0.1", closed))
+            return recv_exactly(s, 6)[5]
+
+    def hup_and_wait(proc: subprocess.Popen[str]) -> None:
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+
+    proc = subprocess.Popen([*TRISOCKS, "serve", "--config", str(config)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_listening(port, proc)
+        assert connect_rep() == 5  # refused: nothing listens there
+        config.write_text(base + "rules = [[[\n")
+        hup_and_wait(proc)
+        assert connect_rep() == 5  # the broken file changed nothing
+        rule = f'{{ id = "closed", action = "deny", ports = [{closed}] }}'
+        config.write_text(base + f"rules = [{rule}]\n")
+        hup_and_wait(proc)
+        assert connect_rep() == 2
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "reload rejected, keeping the running config" in err
+    assert "reloaded config: 1 rules" in err and "rule=closed" in err
