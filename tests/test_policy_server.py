@@ -166,7 +166,7 @@ async def test_max_sessions_per_user(start_proxy: StartProxy, echo_server: tuple
         first, rep, _, _ = await request_reply(proxy, connect_request(*echo_server))
         assert rep == 0
         second, rep, _, _ = await request_reply(proxy, connect_request(*echo_server))
-        assert rep == 2 and proxy.ctx.stats.limited["user_sessions:"] == 1
+        assert rep == 2 and proxy.ctx.stats.limited["user_sessions"] == 1
         await second.aclose()
         await first.aclose()
         await eventually(lambda: proxy.ctx.guard.user_sessions[USER] == 0)

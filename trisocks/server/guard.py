@@ -173,24 +173,25 @@ class Guard:
                 self._ctx.stats.denied[decision.rule_id] += 1
                 return decision, f"denied by rule {decision.rule_id}"
         if session.user is not None:
-            refusal = self._open_user(session)
-            if refusal is not None:
-                self._ctx.stats.limited[refusal.partition(" ")[0]] += 1
+            over = self._open_user(session)
+            if over is not None:
+                limit, refusal = over
+                self._ctx.stats.limited[limit] += 1
                 return decision, refusal
         self._queries[session] = query
         return decision, None
 
-    def _open_user(self, session: Session) -> str | None:
+    def _open_user(self, session: Session) -> tuple[str, str] | None:
+        """Take a slot of the user's limits; else (the limit's name, why) for the log."""
         user = session.user
         assert user is not None
         limits = self._ctx.store.user_limits(user)
-        used = usage(self._ctx.store, self._ctx.accountant, user, time.time())
-        exceeded = quota_exceeded(limits, *used)
+        exceeded = self._quota_exceeded(user, limits)
         if exceeded:
-            return f"quota ({exceeded}) used up"
+            return "quota", f"{exceeded} quota used up"
         limit = limits.max_sessions or self._ctx.config.max_sessions_per_user
         if not self.user_sessions.acquire(user, limit):
-            return f"user_sessions: {user} has {limit} sessions already"
+            return "user_sessions", f"user {user} has {limit} sessions already"
         rate = self._rates.get(user)
         if rate is None or not rate.matches(limits):
             fresh = _UserRate(_bucket(limits.rate_up), _bucket(limits.rate_down))
@@ -198,6 +199,12 @@ class Guard:
             rate = self._rates[user] = fresh
         rate.sessions += 1
         return None
+
+    def _quota_exceeded(self, user: str, limits: UserLimits) -> str | None:
+        if limits.quota_day is None and limits.quota_month is None:
+            return None  # usage costs a pass over live sessions: only where a quota applies
+        return quota_exceeded(limits, *usage(self._ctx.store, self._ctx.accountant, user,
+                                             time.time()))
 
     def max_duration(self, session: Session) -> float | None:
         """The session's lifetime limit: the user's own, else the server's."""
@@ -281,9 +288,7 @@ class Guard:
             limits = self._ctx.store.user_limits(user)
             if not rate.matches(limits):
                 rate.up, rate.down = _bucket(limits.rate_up), _bucket(limits.rate_down)
-            exceeded = quota_exceeded(
-                limits, *usage(self._ctx.store, self._ctx.accountant, user, time.time())
-            )
+            exceeded = self._quota_exceeded(user, limits)
             if exceeded:
                 sessions = [s for s in self._ctx.registry if s.user == user]
                 log.warning("user %s: %s quota used up; ending %d sessions",
