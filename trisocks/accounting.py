@@ -10,12 +10,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from trisocks.sessions import Counters, Session, SessionRegistry
-from trisocks.store import ANONYMOUS, Store, UsageDelta, UserUsage
+from trisocks.store import ANONYMOUS, UsageDelta, UserUsage
+
+if TYPE_CHECKING:
+    from trisocks.fleet.backend import UserStore
 
 __all__ = ["Accountant"]
 
@@ -33,7 +37,7 @@ class _Pending:
 
 
 class Accountant:
-    def __init__(self, store: Store, registry: SessionRegistry) -> None:
+    def __init__(self, store: UserStore, registry: SessionRegistry) -> None:
         self.store = store
         self.registry = registry
         self._pending: dict[str, _Pending] = {}

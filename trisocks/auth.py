@@ -12,17 +12,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from typing import TYPE_CHECKING
 
 import trio
 
 from trisocks.passwords import DUMMY_HASH, verify_password
-from trisocks.store import Store
+
+if TYPE_CHECKING:
+    from trisocks.fleet.backend import UserStore
 
 __all__ = ["Authenticator"]
 
 
 class Authenticator:
-    def __init__(self, store: Store, *, threads: int = 2) -> None:
+    def __init__(self, store: UserStore, *, threads: int = 2) -> None:
         self._store = store
         self._key = secrets.token_bytes(32)
         self._verified: dict[str, tuple[str, bytes]] = {}

@@ -16,11 +16,21 @@ from typing import Any, NoReturn
 
 import trio
 
-from trisocks.config import KEYS, Config, ConfigError, build_config, default_db_path, load_file
+from trisocks.config import (
+    KEYS,
+    Config,
+    ConfigError,
+    build_config,
+    default_db_path,
+    is_db_url,
+    load_file,
+)
+from trisocks.fleet.backend import UserStore, open_store
+from trisocks.fleet.workers import supervise, worker_config, worker_index
 from trisocks.logs import setup_logging
 from trisocks.passwords import hash_password
 from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, parse_size
-from trisocks.store import Store, StoreError
+from trisocks.store import StoreError
 
 __all__ = ["main"]
 
@@ -30,7 +40,8 @@ SERVE_HELP: dict[str, tuple[str, str]] = {
                "(default 127.0.0.1:1080)"),
     "auth": ("METHODS", "comma list of methods to offer, in order of preference: "
              "password, gssapi, none (default password)"),
-    "db": ("PATH", f"SQLite file for users and accounting (default {default_db_path()})"),
+    "db": ("PATH|URL", "SQLite file for users and accounting, or postgresql://... shared by "
+           f"a fleet of instances (default {default_db_path()})"),
     "allow_open_proxy": ("", "allow auth 'none' on a non-loopback listener"),
     "handshake_timeout": ("SECONDS", "greeting + auth + request must finish within this "
                           "(default 10)"),
@@ -72,6 +83,10 @@ SERVE_HELP: dict[str, tuple[str, str]] = {
                            "1 s, doubling per failure; 'off' to disable (default 5)"),
     "auth_backoff_max": ("SECONDS", "longest wait after failed logins (default 300)"),
     "max_session_duration": ("SECONDS", "end sessions after this long (default off)"),
+    "workers": ("N", "processes sharing the listeners with SO_REUSEPORT, restarted if they "
+                "crash; the admin API runs in the first (default 1)"),
+    "proxy_protocol": ("", "listeners expect a PROXY protocol v1/v2 header (HAProxy "
+                       "send-proxy/send-proxy-v2) and refuse connections without one"),
 }
 assert SERVE_HELP.keys() == KEYS.keys(), "every config key needs a flag"
 
@@ -109,7 +124,8 @@ def _add_serve(sub: Any) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
-_INTEGER = {"max_sessions", "max_sessions_per_user", "max_handshakes", "auth_failure_limit"}
+_INTEGER = {"max_sessions", "max_sessions_per_user", "max_handshakes", "auth_failure_limit",
+            "workers"}
 _NUMERIC = _INTEGER | {
     key for key in KEYS
     if key.endswith(("_timeout", "_grace", "_interval", "_rate", "_max", "_duration"))
@@ -146,17 +162,25 @@ def load_config(args: argparse.Namespace) -> Config:
         _fail(str(exc))
 
 
-def _open_store(path: Path) -> Store:
+def _open_store(db: Path | str, *, serving: bool = False) -> UserStore:
     try:
-        return Store(path, create_dir=path == default_db_path())
+        return open_store(db, create_dir=db == default_db_path(), serving=serving)
     except StoreError as exc:
         _fail(str(exc))
+
+
+def _db_arg(text: str) -> Path | str:
+    return text if is_db_url(text) else Path(text)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args)
     setup_logging(config.log_format, config.log_level)
-    store = _open_store(config.db)
+    if config.workers > 1 and worker_index() is None:
+        _open_store(config.db).close()  # fail here, once; and migrate before workers race
+        return supervise(config, args.argv)
+    config = worker_config(config)
+    store = _open_store(config.db, serving=True)
     if "password" in config.auth and not store.users():
         print(
             f"trisocks: warning: no users in {config.db}; add one with "
@@ -164,7 +188,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        trio.run(_run_until_signal, config, store, lambda: read_config(args))
+        trio.run(_run_until_signal, config, store, lambda: worker_config(read_config(args)))
     except OSError as exc:
         _fail(f"cannot listen: {exc.strerror or exc}")
     finally:
@@ -173,7 +197,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _run_until_signal(
-    config: Config, store: Store, reread: Callable[[], Config]
+    config: Config, store: UserStore, reread: Callable[[], Config]
 ) -> None:
     """Serve until SIGINT or SIGTERM; SIGHUP reloads (a broken config is logged and ignored)."""
     from trisocks.server.reload import reload_config
@@ -256,7 +280,7 @@ def _limit_value(field: str, text: str) -> int | float | None:
     return value
 
 
-def _user_limits(store: Store, args: argparse.Namespace) -> None:
+def _user_limits(store: UserStore, args: argparse.Namespace) -> None:
     """Change the limits given as flags (``off`` clears one), then print all of them.
 
     A running server applies them within a second (quota and rate) or from the user's next
@@ -299,8 +323,8 @@ def _add_user(sub: Any) -> None:
             for field in LIMIT_FIELDS:
                 q.add_argument("--" + field.replace("_", "-"), dest=field, metavar="VALUE",
                                help=_LIMIT_HELP[field])
-        q.add_argument("--db", type=Path, default=default_db_path(),
-                       help=f"SQLite file (default {default_db_path()})")
+        q.add_argument("--db", type=_db_arg, default=default_db_path(),
+                       help=f"SQLite file or postgresql:// URL (default {default_db_path()})")
         q.set_defaults(func=_cmd_user)
 
 
@@ -320,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # what --workers runs again
     return int(args.func(args) or 0)
 
 

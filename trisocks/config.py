@@ -19,7 +19,9 @@ import attrs
 
 from trisocks.policy.rules import DEFAULT_RULES, Rule, RuleError, groups_used, parse_rules
 
-__all__ = ["KEYS", "Config", "ConfigError", "Endpoint", "build_config", "default_db_path"]
+__all__ = [
+    "KEYS", "Config", "ConfigError", "Endpoint", "build_config", "default_db_path", "is_db_url",
+]
 
 
 class ConfigError(Exception):
@@ -89,8 +91,9 @@ class Config:
     auth: tuple[str, ...] = ("password",)
     """Methods offered, in the server's order of preference: ``none``, ``password``,
     ``gssapi``."""
-    db: Path = attrs.field(factory=default_db_path)
-    """SQLite file with users and accounting."""
+    db: Path | str = attrs.field(factory=default_db_path)
+    """SQLite file with users and accounting, or a ``postgresql://`` URL: then users,
+    accounting and live sessions are shared by every instance on it (:mod:`trisocks.fleet`)."""
     allow_open_proxy: bool = False
     """Allow ``auth = none`` on a listener that is not loopback."""
     handshake_timeout: float = 10.0
@@ -149,6 +152,11 @@ class Config:
     """The longest an IP waits after failed logins, and how long failures are remembered."""
     max_session_duration: float | None = None
     """Seconds a session may last (a user's own limit in the store wins)."""
+    workers: int = 1
+    """Processes serving the same listeners (``SO_REUSEPORT``), supervised by the first one."""
+    proxy_protocol: bool = False
+    """SOCKS listeners expect a PROXY protocol v1/v2 header (HAProxy ``send-proxy-v2``) and
+    refuse connections without one."""
 
 
 def _positive(key: str, value: Any) -> float:
@@ -226,6 +234,17 @@ def _text(key: str, value: Any) -> str | None:
     return value
 
 
+def is_db_url(db: Path | str) -> bool:
+    """A PostgreSQL URL rather than an SQLite file path."""
+    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
+
+
+def _db(key: str, value: Any) -> Path | str:
+    if isinstance(value, str) and is_db_url(value):
+        return value
+    return _path(key, value)
+
+
 def _path(key: str, value: Any) -> Path:
     if not isinstance(value, str | os.PathLike) or not str(value):
         raise ConfigError(f"{key}: expected a file path, got {value!r}")
@@ -293,7 +312,7 @@ def _reassembly(key: str, value: Any) -> float:
 KEYS: Mapping[str, Any] = {
     "listen": _listen,
     "auth": _auth,
-    "db": _path,
+    "db": _db,
     "allow_open_proxy": _bool,
     "handshake_timeout": _positive,
     "connect_timeout": _positive,
@@ -323,6 +342,8 @@ KEYS: Mapping[str, Any] = {
     "auth_failure_limit": _limit,
     "auth_backoff_max": _positive,
     "max_session_duration": _optional_positive,
+    "workers": _count,
+    "proxy_protocol": _bool,
 }
 """Every config key with its converter: ``converter(key, raw_value) -> value``."""
 
@@ -363,6 +384,9 @@ def _check(config: Config) -> None:
     missing = groups_used(config.rules) - {name for name, _ in config.groups}
     if missing:
         raise ConfigError(f"rules: group @{sorted(missing)[0]} is not defined in groups")
+    if config.workers > 1 and any(e.port == 0 for e in (*config.listen, config.admin) if e):
+        raise ConfigError("workers: port 0 would give every worker its own port; "
+                          "give the listen and admin ports")
     if "none" in config.auth and not config.allow_open_proxy:
         exposed = [str(e) for e in config.listen if not e.is_loopback]
         if exposed:

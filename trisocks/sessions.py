@@ -57,6 +57,8 @@ class Session:
     close_reason: str | None = None
     rule: str | None = None
     """Id of the access rule that decided the request (``default`` when none matched)."""
+    instance: str | None = None
+    """The fleet instance serving it (:mod:`trisocks.fleet`); ``None`` outside a fleet."""
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     counters: Counters = attrs.field(factory=Counters)
     flushed: Counters = attrs.field(factory=Counters)
@@ -80,6 +82,8 @@ class SessionRegistry:
         self._listeners: list[Listener] = []
         self.total = 0
         """Sessions started since the process began."""
+        self.instance: str | None = None
+        """Stamped on new sessions: this process's fleet instance id, once it has one."""
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -112,7 +116,7 @@ class SessionRegistry:
     @contextlib.contextmanager
     def track(self, client: str) -> Iterator[Session]:
         """Register a session for the duration of the block and run the block in its scope."""
-        session = Session(self._new_id(), client)
+        session = Session(self._new_id(), client, instance=self.instance)
         self._sessions[session.id] = session
         self.total += 1
         self.notify("start", session)

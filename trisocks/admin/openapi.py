@@ -91,6 +91,8 @@ _SCHEMAS: dict[str, Any] = {
         "bytes_down": {**_COUNT, "description": "payload bytes target -> client"},
         "datagrams_up": _COUNT,
         "datagrams_down": _COUNT,
+        "instance": {**_NULLABLE_STRING, "description": "host/pid of the fleet instance "
+                     "serving it; null outside a fleet"},
     }),
     "SessionList": _object({"sessions": {"type": "array", "items": _ref("Session")}}),
     "User": _object(_USER_FIELDS),
@@ -126,6 +128,8 @@ _SCHEMAS: dict[str, Any] = {
         "udp_dropped": {"type": "object", "additionalProperties": _COUNT},
         "udp_reassembled": _COUNT,
         "rejected_over_limit": _COUNT,
+        "instance": {**_NULLABLE_STRING, "description": "host/pid of this fleet instance (the "
+                     "sessions' `instance`); null outside a fleet"},
     }),
     "Health": _object({"status": {"enum": ["ok", "stopping"]}}),
 }

@@ -24,46 +24,60 @@ if TYPE_CHECKING:
 
 __all__ = ["sessions_blueprint"]
 
-def _selection(ctx: ServerContext) -> tuple[SessionFilter, list[Session]]:
+async def _selection(ctx: ServerContext) -> tuple[SessionFilter, list[Session]]:
+    """The sessions the query's filter selects: this process's, and in a fleet the other
+    instances' too (detached copies from the directory, :mod:`trisocks.fleet.node`)."""
     try:
         selector = SessionFilter.from_args(request.args)
     except FilterError as exc:
         raise BadRequest(str(exc)) from None
-    sessions = sorted(ctx.registry.select(selector), key=lambda s: (s.started_at, s.id))
-    return selector, sessions
+    sessions = ctx.registry.select(selector)
+    if ctx.fleet is not None:
+        sessions += filter(selector, await ctx.fleet.remote_sessions())
+    return selector, sorted(sessions, key=lambda s: (s.started_at, s.id))
+
+
+async def _kill(ctx: ServerContext, session: Session) -> None:
+    if ctx.registry.get(session.id) is session:
+        session.kill(KILLED_BY_ADMIN)
+    elif ctx.fleet is not None:
+        await ctx.fleet.kill(session.id, KILLED_BY_ADMIN)
 
 
 def sessions_blueprint(ctx: ServerContext, hub: EventHub) -> Blueprint:
     bp = Blueprint("sessions", __name__)
 
-    def lookup(session_id: str) -> Session:
+    async def lookup(session_id: str) -> Session:
         session = ctx.registry.get(session_id)
+        if session is None and ctx.fleet is not None:
+            remote = await ctx.fleet.remote_sessions()
+            session = next((s for s in remote if s.id == session_id), None)
         if session is None:
             raise NotFound(f"no live session {session_id!r}")
         return session
 
     @bp.get("/api/sessions")
     async def list_sessions() -> dict[str, Any]:
-        _, sessions = _selection(ctx)
+        _, sessions = await _selection(ctx)
         return {"sessions": [session_json(s) for s in sessions]}
 
     @bp.delete("/api/sessions")
     async def kill_sessions() -> dict[str, Any]:
-        selector, sessions = _selection(ctx)
+        selector, sessions = await _selection(ctx)
         if selector.is_empty:
             raise BadRequest("give at least one filter (user, command, client, target_host, "
                              "target_port); an empty one would kill every session")
         for session in sessions:
-            session.kill(KILLED_BY_ADMIN)
+            await _kill(ctx, session)
         return {"killed": len(sessions)}
 
     @bp.get("/api/sessions/<session_id>")
     async def get_session(session_id: str) -> dict[str, Any]:
-        return session_json(lookup(session_id))
+        return session_json(await lookup(session_id))
 
     @bp.delete("/api/sessions/<session_id>")
     async def kill_session(session_id: str) -> ResponseReturnValue:
-        lookup(session_id).kill(KILLED_BY_ADMIN)
+        await _kill(ctx, await lookup(session_id))
         return "", 204
 
     @bp.get("/api/events")

@@ -37,6 +37,7 @@ def session_json(session: Session) -> dict[str, Any]:
         "bytes_down": c.bytes_down,
         "datagrams_up": c.datagrams_up,
         "datagrams_down": c.datagrams_down,
+        "instance": session.instance,
     }
 
 

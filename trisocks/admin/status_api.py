@@ -42,6 +42,7 @@ def _stats(ctx: ServerContext) -> dict[str, Any]:
         "udp_dropped": dict(stats.udp_dropped),
         "udp_reassembled": stats.reassembled,
         "rejected_over_limit": stats.rejected_over_limit,
+        "instance": ctx.registry.instance,
     }
 
 

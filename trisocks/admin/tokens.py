@@ -14,7 +14,7 @@ import os
 import secrets
 from pathlib import Path
 
-from trisocks.config import Config
+from trisocks.config import Config, is_db_url
 
 __all__ = ["TOKEN_ENV", "check_bearer", "resolve_token", "token_path"]
 
@@ -50,7 +50,10 @@ def resolve_token(config: Config) -> str:
         return config.admin_token
     if env := os.environ.get(TOKEN_ENV):
         return env
-    return _read_or_create(token_path(config.db))
+    if is_db_url(config.db):  # no directory of ours to keep a file in
+        raise OSError("the admin API with a PostgreSQL db needs admin_token or "
+                      f"${TOKEN_ENV}, the same on every instance")
+    return _read_or_create(token_path(Path(config.db)))
 
 
 def check_bearer(authorization: str | None, token: str) -> bool:

@@ -17,7 +17,7 @@ import attrs
 
 if TYPE_CHECKING:
     from trisocks.accounting import Accountant
-    from trisocks.store import Store
+    from trisocks.fleet.backend import UserStore
 
 __all__ = ["LIMIT_FIELDS", "UserLimits", "parse_size", "period_starts", "quota_exceeded", "usage"]
 
@@ -66,7 +66,7 @@ def period_starts(now: float) -> tuple[str, str]:
     return day, day[:8] + "01"
 
 
-def usage(store: Store, accountant: Accountant, user: str, now: float) -> tuple[int, int]:
+def usage(store: UserStore, accountant: Accountant, user: str, now: float) -> tuple[int, int]:
     """Bytes *user* moved today and this month, including what is not flushed yet."""
     day, month = period_starts(now)
     unflushed = accountant.unflushed_bytes(user)

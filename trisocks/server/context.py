@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -15,7 +16,10 @@ from trisocks.config import Config
 from trisocks.server.guard import Guard
 from trisocks.server.relay import Engine
 from trisocks.sessions import SessionRegistry
-from trisocks.store import Store
+
+if TYPE_CHECKING:
+    from trisocks.fleet.backend import UserStore
+    from trisocks.fleet.node import FleetNode
 
 __all__ = ["ServerContext", "Stats"]
 
@@ -51,7 +55,7 @@ class Stats:
 @attrs.define(eq=False)
 class ServerContext:
     config: Config
-    store: Store
+    store: UserStore
     registry: SessionRegistry
     authenticator: Authenticator
     accountant: Accountant
@@ -66,6 +70,8 @@ class ServerContext:
     """The admin API's real address once it listens; ``None`` while off."""
     load_config: Callable[[], Config] | None = None
     """Re-reads the config file and flags (set by the CLI); ``None``: nothing to reload."""
+    fleet: FleetNode | None = None
+    """This instance's part in a fleet (:mod:`trisocks.fleet.node`); ``None`` when alone."""
     guard: Guard = attrs.field(init=False)
     """Access rules, limits and quotas (:mod:`trisocks.server.guard`)."""
 

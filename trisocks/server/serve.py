@@ -17,12 +17,14 @@ from trisocks.accounting import Accountant
 from trisocks.admin.revocation import CredentialWatcher
 from trisocks.auth import Authenticator
 from trisocks.config import Config
+from trisocks.fleet.backend import UserStore
+from trisocks.fleet.node import FleetNode, fleet_enabled
 from trisocks.server.common import format_sockaddr
 from trisocks.server.context import ServerContext
+from trisocks.server.listeners import open_listeners
 from trisocks.server.relay import make_engine
 from trisocks.server.session import handle_client
 from trisocks.sessions import SessionRegistry
-from trisocks.store import Store
 
 __all__ = ["serve"]
 
@@ -32,7 +34,7 @@ _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 ACCEPT_BACKOFF = 0.1
 
 
-def build_context(config: Config, store: Store) -> ServerContext:
+def build_context(config: Config, store: UserStore) -> ServerContext:
     registry = SessionRegistry()
     return ServerContext(
         config=config,
@@ -71,7 +73,7 @@ async def _accept_loop(
 
 async def serve(
     config: Config,
-    store: Store,
+    store: UserStore,
     *,
     task_status: trio.TaskStatus[ServerContext] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -86,9 +88,12 @@ async def serve(
         root.start_soon(ctx.accountant.run, config.accounting_flush_interval)
         await root.start(CredentialWatcher(ctx).run)
         await root.start(ctx.guard.run)  # quotas of live sessions
+        if fleet_enabled(config):
+            ctx.fleet = await trio.to_thread.run_sync(FleetNode.open, ctx)
+            await root.start(ctx.fleet.run)
         listeners: list[trio.SocketListener] = []
         for endpoint in config.listen:
-            for listener in await trio.open_tcp_listeners(endpoint.port, host=endpoint.host):
+            for listener in await open_listeners(endpoint, reuse_port=config.workers > 1):
                 stack.push_async_callback(listener.aclose)
                 listeners.append(listener)
         ctx.listening = [listener.socket.getsockname()[:2] for listener in listeners]

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import trio
 
 from trisocks.policy.rules import IP
 from trisocks.protocol import Command, Reply
+from trisocks.protocol.proxy import ProxyProtocolError
 from trisocks.server.bind import handle_bind
 from trisocks.server.common import format_sockaddr, ip_of, send_reply
 from trisocks.server.connect import handle_connect
 from trisocks.server.context import ServerContext
 from trisocks.server.handshake import HandshakeFailed, handshake
+from trisocks.server.listeners import receive_proxy_header
 from trisocks.server.udp import handle_udp_associate
 from trisocks.sessions import COMMAND_NAMES, Session
 
@@ -34,6 +37,11 @@ async def handle_client(stream: trio.SocketStream, ctx: ServerContext) -> None:
     except OSError:  # already reset by the peer
         await trio.aclose_forcefully(stream)
         return
+    if ctx.config.proxy_protocol:
+        peer = await _proxied_peer(stream, peer, ctx)
+        if peer is None:
+            await trio.aclose_forcefully(stream)
+            return
     client, ip = format_sockaddr(peer), ip_of(peer[0])
     if ctx.guard.admit(ip) is not None:  # counted; not a session, so not in the access log
         await trio.aclose_forcefully(stream)
@@ -57,6 +65,21 @@ async def handle_client(stream: trio.SocketStream, ctx: ServerContext) -> None:
     if session.scope.cancelled_caught and session.close_reason is None:
         session.close_reason = "cancelled"
     _log_session(ctx, session, trio.current_time() - started)
+
+
+async def _proxied_peer(stream: trio.SocketStream, balancer: Any, ctx: ServerContext) -> Any:
+    """The real client's address from the PROXY protocol header (the balancer's own for a
+    LOCAL health check); ``None`` when the header is missing or invalid. Such a connection is
+    no session (its client is unknown): it is counted and logged, not put in the access log.
+    """
+    try:
+        with trio.fail_after(ctx.config.handshake_timeout):
+            return (await receive_proxy_header(stream)).source or balancer
+    except (ProxyProtocolError, EOFError, OSError, trio.TooSlowError) as exc:
+        ctx.stats.handshake_failures["proxy_header"] += 1
+        log.info("connection from %s refused: PROXY protocol header: %s",
+                 format_sockaddr(balancer), exc or "timed out")
+        return None
 
 
 async def _serve(stream: trio.SocketStream, session: Session, ctx: ServerContext, ip: IP) -> None:

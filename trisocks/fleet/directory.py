@@ -1,0 +1,160 @@
+"""The live session directory: which instance serves which session, shared through the store.
+
+Each instance (a ``trisocks serve`` process, or one of its workers) republishes its sessions
+every heartbeat, in one transaction that also stamps its heartbeat. Readers trust an instance's
+rows while its heartbeat is younger than :data:`STALE_AFTER`: a crashed instance's sessions
+drop out of every listing within that time, and the next publisher deletes them.
+
+The tables are the ``fleet`` component's migrations (:func:`trisocks.fleet.sql.migrate`), in
+SQL that SQLite and PostgreSQL share. All methods block; callers use ``trio.to_thread``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from trisocks.fleet.sql import Database, migrate
+from trisocks.sessions import Counters, Session
+
+__all__ = ["STALE_AFTER", "Directory", "Instance", "SessionRow"]
+
+STALE_AFTER = 5.0
+"""Seconds without a heartbeat after which an instance counts as gone."""
+
+MIGRATIONS = (
+    """
+    CREATE TABLE fleet_instances (
+        instance TEXT PRIMARY KEY,
+        channel TEXT NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        heartbeat DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE fleet_sessions (
+        instance TEXT NOT NULL,
+        id TEXT NOT NULL,
+        client TEXT NOT NULL,
+        username TEXT,
+        command TEXT,
+        target TEXT,
+        resolved TEXT,
+        state TEXT NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        bytes_up BIGINT NOT NULL,
+        bytes_down BIGINT NOT NULL,
+        datagrams_up BIGINT NOT NULL,
+        datagrams_down BIGINT NOT NULL,
+        PRIMARY KEY (instance, id)
+    )
+    """,
+)
+
+_COLUMNS = ("instance, id, client, username, command, target, resolved, state, started_at, "
+            "bytes_up, bytes_down, datagrams_up, datagrams_down")
+
+
+_SESSION_COLUMNS = ", ".join(f"s.{c.strip()}" for c in _COLUMNS.split(","))
+
+
+@attrs.frozen
+class Instance:
+    """One serving process."""
+
+    id: str
+    """``host/pid``: unique while it runs."""
+    channel: str
+    """Where its kill requests go (:mod:`trisocks.fleet.channel`)."""
+
+
+@attrs.frozen
+class SessionRow:
+    """A session as the directory holds it (a copy, up to one heartbeat old)."""
+
+    instance: str
+    id: str
+    client: str
+    user: str | None
+    command: str | None
+    target: str | None
+    resolved: str | None
+    state: str
+    started_at: float
+    bytes_up: int
+    bytes_down: int
+    datagrams_up: int
+    datagrams_down: int
+
+    @classmethod
+    def of(cls, instance: str, s: Session) -> SessionRow:
+        c = s.counters
+        return cls(instance, s.id, s.client, s.user, s.command, s.target, s.resolved, s.state,
+                   s.started_at, c.bytes_up, c.bytes_down, c.datagrams_up, c.datagrams_down)
+
+    def to_session(self) -> Session:
+        """A detached :class:`Session` with these values, so the admin API's filters and
+        JSON shapes work on remote sessions as on local ones. Killing it does nothing: kills
+        of remote sessions go through the owner's channel."""
+        return Session(
+            self.id, self.client, started_at=self.started_at, user=self.user,
+            command=self.command, target=self.target, resolved=self.resolved, state=self.state,
+            instance=self.instance,
+            counters=Counters(self.bytes_up, self.bytes_down, self.datagrams_up,
+                              self.datagrams_down),
+        )
+
+
+class Directory:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        migrate(db, "fleet", MIGRATIONS)
+
+    def publish(self, instance: Instance, started_at: float, sessions: Sequence[SessionRow],
+                now: float) -> None:
+        """Replace *instance*'s sessions with *sessions* and stamp its heartbeat; forget
+        instances whose heartbeat is stale."""
+        with self.db.transaction() as cur:
+            cur.execute(
+                "INSERT INTO fleet_instances (instance, channel, started_at, heartbeat) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (instance) DO UPDATE SET "
+                "channel = excluded.channel, heartbeat = excluded.heartbeat",
+                (instance.id, instance.channel, started_at, now),
+            )
+            stale = [row[0] for row in cur.execute(
+                "SELECT instance FROM fleet_instances WHERE heartbeat < ?", (now - STALE_AFTER,))]
+            for gone in (*stale, instance.id):
+                cur.execute("DELETE FROM fleet_sessions WHERE instance = ?", (gone,))
+            cur.execute_many("DELETE FROM fleet_instances WHERE instance = ?",
+                             [(gone,) for gone in stale])
+            cur.execute_many(
+                f"INSERT INTO fleet_sessions ({_COLUMNS}) VALUES ({', '.join('?' * 13)})",
+                [attrs.astuple(row) for row in sessions],
+            )
+
+    def retire(self, instance_id: str) -> None:
+        """Remove an instance that stops (its sessions are over)."""
+        with self.db.transaction() as cur:
+            cur.execute("DELETE FROM fleet_sessions WHERE instance = ?", (instance_id,))
+            cur.execute("DELETE FROM fleet_instances WHERE instance = ?", (instance_id,))
+
+    def sessions(self, now: float, *, besides: str) -> list[SessionRow]:
+        """Sessions of every live instance but *besides* (the caller, who knows its own)."""
+        rows = self._select("s.instance <> ?", (besides,), now)
+        return [SessionRow(*row) for row in rows]
+
+    def owner(self, session_id: str, now: float, *, besides: str) -> Instance | None:
+        """The live instance (other than *besides*) serving *session_id*, if any."""
+        rows = self._select("s.id = ? AND s.instance <> ?", (session_id, besides), now,
+                            columns="i.instance, i.channel")
+        return Instance(*rows[0]) if rows else None
+
+    def _select(self, where: str, params: tuple[Any, ...], now: float,
+                columns: str = _SESSION_COLUMNS) -> list[tuple[Any, ...]]:
+        with self.db.transaction() as cur:
+            return cur.execute(
+                f"SELECT {columns} FROM fleet_sessions AS s "
+                "JOIN fleet_instances AS i ON i.instance = s.instance "
+                f"WHERE i.heartbeat >= ? AND {where} ORDER BY s.started_at, s.id",
+                (now - STALE_AFTER, *params),
+            )
