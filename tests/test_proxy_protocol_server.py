@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from tests.conftest import Proxy, eventually, read_reply, receive_all, socks_handshake
+from tests.test_udp import LOCALHOST4, ZEROS4, header, open_udp, start_udp_echo
 from trisocks.protocol.proxy import encode_v1, encode_v2
 
 pytestmark = pytest.mark.usefixtures("echo_server")
@@ -97,3 +98,25 @@ async def test_silent_connection_times_out(
             assert await _refused(stream)
         assert trio.current_time() == pytest.approx(5, abs=0.1)
         assert proxy.ctx.stats.handshake_failures["proxy_header"] == 1
+
+
+async def test_udp_associate_admits_the_real_client_not_the_balancer(
+    start_proxy: Callable[..., Any], nursery: trio.Nursery
+) -> None:
+    """Datagrams come straight from the client (a TCP balancer relays none): the association
+    admits the address the header named, and drops the balancer's."""
+    echo = await start_udp_echo(nursery, "127.0.0.1")
+    with trio.fail_after(10):
+        proxy: Proxy = await start_proxy(proxy_protocol=True)
+        with await open_udp("127.0.0.2") as client, await open_udp() as balancer:
+            async with await proxy.open_raw() as control:
+                await control.send_all(encode_v2(client.getsockname(), proxy.address))
+                await socks_handshake(control)
+                await control.send_all(b"\x05\x03\x00" + ZEROS4 + b"\x00\x00")
+                rep, _, relay_port = await read_reply(control)
+                assert rep == 0
+                ping = header(LOCALHOST4, echo[1]) + b"ping"
+                await balancer.sendto(ping, ("127.0.0.1", relay_port))
+                await client.sendto(ping, ("127.0.0.1", relay_port))
+                assert (await client.recvfrom(65536))[0] == ping
+                assert proxy.ctx.stats.udp_dropped["foreign_source"] == 1

@@ -81,7 +81,10 @@ async def handle_udp_associate(
         await send_reply(stream, session, reply_for(exc))
         return
     with relay_socket:
-        client = ClientFilter(ip_of(stream.socket.getpeername()[0]), request.address.port or None)
+        # The session's client, not the socket's peer: behind a PROXY protocol balancer the
+        # datagrams come from the real client, which only the header named.
+        client_host = session.client.rpartition(":")[0].strip("[]")
+        client = ClientFilter(ip_of(client_host), request.address.port or None)
         gss = stream if isinstance(stream, GssStream) else None
         association = Association(ctx, session, relay_socket, client, gss)
         bound = announced_address(ctx, relay_socket.getsockname())
