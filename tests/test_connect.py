@@ -368,9 +368,15 @@ async def test_idle_relay_times_out(
     stream, rep, _, _ = await request_reply(proxy, connect_request(*echo_server))
     assert rep == 0
     start = trio.current_time()
+    await trio.sleep(30)
+    await stream.send_all(b"still alive")  # activity moves the idle deadline...
+    assert await receive_exactly(stream, 11) == b"still alive"
+    last = trio.current_time()
     with trio.fail_after(120):
         await assert_closed(stream)
-    assert 60 <= trio.current_time() - start < 61
+    # ...so the relay ends idle_timeout after the last byte (up to 1 s late, never early)
+    assert 60 <= trio.current_time() - last <= 61
+    assert trio.current_time() - start >= 90
 
 
 async def test_graceful_shutdown_drains_then_stops(

@@ -34,6 +34,8 @@ YIELD_EVERY = 1 << 20
 """Bytes a direction may move without a trio checkpoint while data keeps flowing (a pump that
 waits for data checkpoints anyway); bounds how long one busy session holds the loop."""
 F_SETPIPE_SZ = 1031
+IDLE_SLACK = 1.0
+"""Seconds by which a relay's idle timeout may be late (see :func:`relay`)."""
 PROBE = 8 * 1024
 """Splice engine: a burst up to this size is copied, not spliced (see SpliceEngine)."""
 
@@ -80,7 +82,16 @@ class Engine:
         """Release pooled resources (buffers, pipes); the engine stays usable."""
 
 
-async def _write_all(fd: int, view: memoryview) -> None:
+def _write_some(fd: int, view: memoryview) -> int:
+    """Write what the socket takes now. This plain call usually takes the whole chunk (on
+    loopback and fast links), and then no coroutine is created for the write."""
+    try:
+        return os.write(fd, view)
+    except BlockingIOError:
+        return 0
+
+
+async def _write_rest(fd: int, view: memoryview) -> None:
     while view:
         try:
             view = view[os.write(fd, view):]
@@ -121,7 +132,10 @@ class CopyEngine(Engine):
                     return True
                 if n == 0:
                     return False
-                await _write_all(dfd, buf[:n])
+                view = buf[:n]
+                sent = _write_some(dfd, view)
+                if sent < n:
+                    await _write_rest(dfd, view[sent:])
                 add(n)
                 if throttle is not None:
                     await throttle(n)
@@ -186,7 +200,10 @@ class SpliceEngine(Engine):
                 return True
             if n == 0:
                 return False
-            await _write_all(dfd, buf[:n])
+            view = buf[:n]
+            sent = _write_some(dfd, view)
+            if sent < n:
+                await _write_rest(dfd, view[sent:])
             add(n)
         finally:
             self._probe._release(buf)
@@ -252,15 +269,29 @@ async def relay(
     *throttles* (up, down) hold a direction to a rate (per-user limits).
     Returns the socket error that ended the relay, if any."""
     failure: OSError | None = None
-    idle = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
+    now = trio.current_time()
+    idle = trio.CancelScope(deadline=now + idle_timeout)
+    # Moving a cancel scope's deadline costs microseconds (trio re-files it), too much per
+    # chunk; so it moves at most once per `slack` seconds, and then to `idle_timeout + slack`
+    # ahead. A relay thus ends between idle_timeout and idle_timeout + slack after its last
+    # byte, never earlier.
+    slack = min(IDLE_SLACK, idle_timeout / 10)
+    next_move = now + slack
+
+    def touch() -> None:
+        nonlocal next_move
+        now = trio.current_time()
+        if now >= next_move:
+            idle.deadline = now + idle_timeout + slack
+            next_move = now + slack
 
     def up(n: int) -> None:
         counters.bytes_up += n
-        idle.deadline = trio.current_time() + idle_timeout
+        touch()
 
     def down(n: int) -> None:
         counters.bytes_down += n
-        idle.deadline = trio.current_time() + idle_timeout
+        touch()
 
     def stop(exc: BaseException) -> None:
         nonlocal failure
