@@ -138,6 +138,18 @@ async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
     return bytes(data)
 
 
+async def echo_round_trip(stream: trio.SocketStream, payload: bytes) -> bytes:
+    """Send *payload* and half-close while reading everything the far end sends back."""
+
+    async def send() -> None:
+        await stream.send_all(payload)
+        await stream.send_eof()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        return await receive_all(stream)
+
+
 async def socks_handshake(
     stream: trio.SocketStream, user: str | None = USER, password: str | None = PASSWORD
 ) -> None:

@@ -18,6 +18,7 @@ from tests.conftest import (
     PASSWORD,
     USER,
     Proxy,
+    echo_round_trip,
     eventually,
     read_reply,
     receive_all,
@@ -143,13 +144,7 @@ async def test_half_close_client_still_receives_everything(
         stream, rep, _, _ = await request_reply(proxy, connect_request(*echo_server))
         assert rep == 0
 
-        async def send() -> None:
-            await stream.send_all(payload)
-            await stream.send_eof()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            received = await receive_all(stream)
+        received = await echo_round_trip(stream, payload)
         assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
         await stream.aclose()
     await eventually(lambda: not len(proxy.ctx.registry))

@@ -18,6 +18,7 @@ import trio
 
 from tests.conftest import (
     Proxy,
+    echo_round_trip,
     eventually,
     read_reply,
     receive_all,
@@ -52,13 +53,7 @@ async def test_large_transfer_both_ways_by_hash(
     with trio.fail_after(30):
         stream = await open_connect(engine_proxy, echo_server)
 
-        async def send() -> None:
-            await stream.send_all(PAYLOAD)
-            await stream.send_eof()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            echoed = await receive_all(stream)
+        echoed = await echo_round_trip(stream, PAYLOAD)
         await stream.aclose()
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(PAYLOAD).digest()
     await eventually(lambda: not len(engine_proxy.ctx.registry))

@@ -91,6 +91,21 @@ def _write_some(fd: int, view: memoryview) -> int:
         return 0
 
 
+async def _copy_chunk(sfd: int, dfd: int, buf: memoryview) -> int | None:
+    """Copy what *sfd* has now (up to ``len(buf)``) to *dfd*: the byte count, 0 at EOF, or
+    None when nothing is readable."""
+    try:
+        n = os.readv(sfd, [buf])
+    except BlockingIOError:
+        return None
+    if n:
+        view = buf[:n]
+        sent = _write_some(dfd, view)
+        if sent < n:
+            await _write_rest(dfd, view[sent:])
+    return n
+
+
 async def _write_rest(fd: int, view: memoryview) -> None:
     while view:
         try:
@@ -126,16 +141,11 @@ class CopyEngine(Engine):
         budget = YIELD_EVERY
         try:
             while True:
-                try:
-                    n = os.readv(sfd, [buf])
-                except BlockingIOError:
+                n = await _copy_chunk(sfd, dfd, buf)
+                if n is None:
                     return True
                 if n == 0:
                     return False
-                view = buf[:n]
-                sent = _write_some(dfd, view)
-                if sent < n:
-                    await _write_rest(dfd, view[sent:])
                 add(n)
                 if throttle is not None:
                     await throttle(n)
@@ -194,19 +204,14 @@ class SpliceEngine(Engine):
     ) -> bool:
         buf = self._probe._acquire()
         try:
-            try:
-                n = os.readv(sfd, [buf])
-            except BlockingIOError:
-                return True
-            if n == 0:
-                return False
-            view = buf[:n]
-            sent = _write_some(dfd, view)
-            if sent < n:
-                await _write_rest(dfd, view[sent:])
-            add(n)
+            n = await _copy_chunk(sfd, dfd, buf)
         finally:
             self._probe._release(buf)
+        if n is None:
+            return True
+        if n == 0:
+            return False
+        add(n)
         if throttle is not None:
             await throttle(n)
         if n < PROBE:
