@@ -1,4 +1,5 @@
-"""Real PostgreSQL, HAProxy and ``trisocks serve`` processes for the fleet tests (no tests here).
+"""Real PostgreSQL, HAProxy and ``trisocks serve`` processes for the fleet tests (no tests here;
+the fixtures ``postgres`` and ``pg_url`` are imported by name).
 
 Rules on top of conftest's:
 
@@ -115,6 +116,19 @@ def run_postgres() -> Iterator[str]:
             yield url
         finally:
             stop(proc, "postgres")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """One PostgreSQL server for the whole run (tests take a database each: ``pg_url``)."""
+    with run_postgres() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(postgres: str) -> Iterator[str]:
+    with new_database(postgres) as url:
+        yield url
 
 
 def _pg_ready(url: str) -> bool:

@@ -24,9 +24,9 @@ from tests.conftest import PASSWORD, USER, read_reply, socks_handshake
 from tests.fleet_support import (
     TOKEN,
     Trisocks,
-    new_database,
+    pg_url,
+    postgres,
     run_haproxy,
-    run_postgres,
     run_trisocks,
 )
 from tests.test_admin_support import echo_round, eventually, wait_closed
@@ -35,14 +35,10 @@ from trisocks.fleet.backend import open_store
 from trisocks.passwords import hash_password
 from trisocks.server.common import format_sockaddr
 
+__all__ = ["pg_url", "postgres"]  # fixtures used by name
+
 PAYLOAD = bytes(range(256)) * 256  # 64 KiB each way per client
 KILL_WITHIN = 1.0
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[str]:
-    with run_postgres() as url:
-        yield url
 
 
 @attrs.frozen
@@ -64,7 +60,7 @@ def _add_user(db: str) -> None:
 def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
     with contextlib.ExitStack() as stack:
         if request.param == "postgresql":
-            db = stack.enter_context(new_database(request.getfixturevalue("postgres")))
+            db = request.getfixturevalue("pg_url")
             _add_user(db)
             instances = [stack.enter_context(run_trisocks(tmp_path, db)) for _ in range(2)]
         else:

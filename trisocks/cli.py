@@ -189,11 +189,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
     try:
         trio.run(_run_until_signal, config, store, lambda: worker_config(read_config(args)))
-    except OSError as exc:
-        _fail(f"cannot listen: {exc.strerror or exc}")
+    except (OSError, ExceptionGroup) as exc:
+        if (error := _os_error(exc)) is None:
+            raise
+        _fail(f"cannot listen: {error.strerror or error}")
     finally:
         store.close()
     return 0
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError *exc* is, or the one its nested groups hold (trio's nurseries wrap what a
+    task raises, so a port in use arrives as a group of one)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, OSError) else None
 
 
 async def _run_until_signal(

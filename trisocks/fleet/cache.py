@@ -91,7 +91,8 @@ class CachedStore:
         return sum(n for d, n in self._snapshot.daily.get(user, {}).items() if d >= day)
 
     def usage(self, name: str | None = None) -> list[UserUsage]:
-        return sorted(u for u in self._snapshot.usage.values() if name in (None, u.user))
+        return sorted((u for u in self._snapshot.usage.values() if name in (None, u.user)),
+                      key=lambda u: u.user)
 
     # --- writes ----------------------------------------------------------------------------
 

@@ -203,7 +203,8 @@ class PostgresStore:
     def usage(self, name: str | None = None) -> list[UserUsage]:
         with self.db.transaction() as cur:
             rows = _usage(cur)
-        return sorted(u for u in rows.values() if name in (None, u.user))
+        return sorted((u for u in rows.values() if name in (None, u.user)),
+                      key=lambda u: u.user)
 
     def snapshot(self, since_day: str) -> Snapshot:
         """Users, limits and totals, and per-day bytes from *since_day* on, in one

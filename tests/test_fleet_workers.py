@@ -1,0 +1,69 @@
+"""``trisocks serve --workers N`` as operators run it: the supervisor restarts a crashed
+worker, stops them all on SIGTERM, and gives up (status 2) when their config cannot work."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fleet_support import free_port, run_trisocks
+
+
+def children(pid: int) -> set[int]:
+    """Child pids of *pid*, whichever of its threads started them (trio spawns from one)."""
+    return {int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()}
+
+
+def wait_until(predicate: object, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_crashed_worker_is_restarted_and_sigterm_stops_them_all(tmp_path: Path) -> None:
+    with run_trisocks(tmp_path, str(tmp_path / "w.db"), workers=2) as server:
+        workers = children(server.proc.pid)
+        assert len(workers) == 2
+        crashed = min(workers)
+        subprocess.run(["kill", "-KILL", str(crashed)], check=True)
+        wait_until(lambda: "exited with status -9; restarting it in 1s" in server.log_text(),
+                   "the supervisor to notice the crash")
+        wait_until(lambda: len(children(server.proc.pid) - {crashed}) == 2
+                   and server.log_text().count("listening on") == 3, "a new worker")
+        workers = children(server.proc.pid)
+    # run_trisocks sent SIGTERM and saw status 0; the workers are gone and reaped.
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_workers_that_cannot_listen_stop_the_supervisor_with_status_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:  # bound without SO_REUSEPORT: no worker can share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "trisocks", "serve", "--listen", f"127.0.0.1:{port}",
+             "--no-admin", "--db", str(tmp_path / "w.db"), "--workers", "2"],
+            capture_output=True, text=True, timeout=30,
+        )
+    assert result.returncode == 2, result.stderr
+    assert "exited with status 2: its configuration cannot work" in result.stderr
+    assert "cannot listen" in result.stderr
+
+
+def test_workers_need_fixed_ports(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trisocks", "serve", "--listen", "127.0.0.1:0",
+         "--admin", f"127.0.0.1:{free_port()}", "--db", str(tmp_path / "w.db"),
+         "--workers", "2"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "workers: port 0 would give every worker its own port" in result.stderr
