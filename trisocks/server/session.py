@@ -8,7 +8,6 @@ line; nothing escapes to the accept loop.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import trio
@@ -61,9 +60,10 @@ async def handle_client(stream: trio.SocketStream, ctx: ServerContext) -> None:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             session.close_reason = session.close_reason or f"client: {exc}"
         finally:
+            if session.scope.cancel_called and session.close_reason is None:
+                expired = trio.current_time() >= session.scope.deadline
+                session.close_reason = "max session duration" if expired else "cancelled"
             await trio.aclose_forcefully(stream)
-    if session.scope.cancelled_caught and session.close_reason is None:
-        session.close_reason = "cancelled"
     _log_session(ctx, session, trio.current_time() - started)
 
 
@@ -97,10 +97,10 @@ async def _serve(stream: trio.SocketStream, session: Session, ctx: ServerContext
         session.close_reason = refusal
         await send_reply(client, session, Reply.NOT_ALLOWED)
         return
-    with trio.move_on_after(ctx.guard.max_duration(session) or math.inf) as lifetime:
-        await HANDLERS[request.command](client, session, request, leftover, ctx)
-    if lifetime.cancelled_caught:
-        session.close_reason = "max session duration"
+    lifetime = ctx.guard.max_duration(session)
+    if lifetime:  # the session's own scope carries it: no extra scope per session
+        session.scope.deadline = trio.current_time() + lifetime
+    await HANDLERS[request.command](client, session, request, leftover, ctx)
 
 
 HANDLERS = {
