@@ -183,3 +183,9 @@ def test_example_config_names_every_key_and_is_valid() -> None:
         assert f"{key} =" in text, f"{key} is not in the example config"
     config = build_config(tomllib.loads(text), {})
     assert config.auth == ("password",) and all(e.is_loopback for e in config.listen)
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for key in KEYS:
+        assert f"| `{key}` |" in readme, f"{key} is missing from the README's config table"
