@@ -10,7 +10,8 @@ password auth, admin API, accounting) and adds ``--workers``. Per worker count i
 * bulk download MB/s with 8 parallel streams (one stream lives in one worker, so a single
   stream cannot scale with workers; 8 spread over both).
 
-Each figure is the median of ``--repeat`` runs, each on a freshly started server. With two
+Each figure is the median of ``--repeat`` runs, each on a freshly started server, the worker
+counts interleaved. With two
 workers the server also runs fleet mode (directory publishes, the local kill channel) on the
 shared SQLite file: that cost is part of what is measured.
 
@@ -46,19 +47,19 @@ def with_workers(count: int) -> peers.Server:
     return peers.Server(f"trisocks --workers {count}", prepare, peers.trisocks_missing)
 
 
-def measure(server: peers.Server, ports: bench.Ports, s: bench.Settings, workdir: Path,
-            repeat: int) -> dict[str, list[float]]:
-    runs: dict[str, list[float]] = {"conn64": [], "bulk8": []}
+def measure_once(server: peers.Server, ports: bench.Ports, s: bench.Settings,
+                 workdir: Path) -> dict[str, float]:
+    """Each figure on a freshly started server."""
     probes: dict[str, Callable[[bench.Target], float]] = {
         "conn64": lambda t: bench.connrate(t, ports.oneshot, 64, 2, s),
         "bulk8": lambda t: bench.bulk(t, ports.bulk, 8, s)[0],
     }
-    for _ in range(repeat):
-        for name, probe in probes.items():
-            with bench.running(server, workdir) as target:
-                time.sleep(SETTLE)
-                runs[name].append(probe(target))
-    return runs
+    figures = {}
+    for name, probe in probes.items():
+        with bench.running(server, workdir) as target:
+            time.sleep(SETTLE)
+            figures[name] = probe(target)
+    return figures
 
 
 def cell(values: list[float]) -> str:
@@ -71,7 +72,8 @@ def render(results: dict[int, dict[str, list[float]]], s: bench.Settings, repeat
         f"# Worker scaling ({report.machine_line()})",
         "",
         f"Median (min-max) of {repeat} runs, {s.duration:g} s windows after {s.warmup:g} s "
-        "warm-up; origin, load generators and trisocks share the machine's cores.",
+        "warm-up, worker counts interleaved; origin, load generators and trisocks share the "
+        "machine's cores (other sessions' load too: see the load average).",
         "",
         "| | conn/s, 64 clients | bulk MB/s, 8 streams |",
         "|---|---:|---:|",
@@ -92,12 +94,19 @@ def main() -> None:
     args = parser.parse_args()
     s = dataclasses.replace(bench.FULL, duration=args.duration)
     workdir = Path(tempfile.mkdtemp(prefix="trisocks-workers-bench-"))
+    results: dict[int, dict[str, list[float]]] = {n: {} for n in WORKER_COUNTS}
     with bench.origin_server(workdir) as ports:
-        results = {}
-        for count in WORKER_COUNTS:
-            bench.log(f"trisocks --workers {count} ...")
-            results[count] = measure(with_workers(count), ports, s, workdir, args.repeat)
-    table = render(results, s, args.repeat)
+        # Interleaved (1, 2, 1, 2, ...) so that a change in the machine's other load during
+        # the run hits both worker counts alike.
+        for run in range(args.repeat):
+            for count in WORKER_COUNTS:
+                bench.log(f"run {run + 1}/{args.repeat}: trisocks --workers {count}")
+                for name, value in measure_once(with_workers(count), ports, s, workdir).items():
+                    results[count].setdefault(name, []).append(value)
+    table = render(results, s, args.repeat) + (
+        f"\nCommand: `python benchmarks/workers.py --duration {args.duration:g} "
+        f"--repeat {args.repeat}`; load average at the end: "
+        f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}\n")
     print(table)
     if args.markdown:
         args.markdown.write_text(table)

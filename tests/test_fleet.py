@@ -11,6 +11,7 @@ the shared per-user totals. The programs are real (tests/fleet_support.py).
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from tests.fleet_support import (
     Trisocks,
     pg_url,
     postgres,
+    program,
     run_haproxy,
     run_trisocks,
 )
@@ -144,3 +146,11 @@ async def test_through_haproxy_listed_killed_from_another_instance_and_accounted
             async with await trio.open_tcp_stream("127.0.0.1", instance.port) as direct:
                 await direct.send_all(b"\x05\x01\x02")
                 assert await _refused(direct)
+
+
+def test_deploy_haproxy_config_is_valid() -> None:
+    """deploy/haproxy.cfg passes HAProxy's own check (its server names need not resolve)."""
+    config = Path(__file__).parent.parent / "deploy" / "haproxy.cfg"
+    result = subprocess.run([program("haproxy", "haproxy"), "-c", "-f", str(config)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr

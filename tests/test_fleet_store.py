@@ -7,6 +7,8 @@ from __future__ import annotations
 import datetime
 import logging
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,3 +165,16 @@ def test_directory_trusts_fresh_heartbeats_only(tmp_path: Path) -> None:
         assert directory.sessions(later, besides="x") == []
     finally:
         db.close()
+
+
+def test_cli_manages_users_on_postgresql(pg_url: str) -> None:
+    def trisocks(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "trisocks", *args, "--db", pg_url],
+                              input=stdin, capture_output=True, text=True, timeout=60)
+
+    assert trisocks("user", "add", "gina", "--password-stdin", stdin="pw-gina\n").returncode == 0
+    assert trisocks("user", "limits", "gina", "--quota-day", "5G").returncode == 0
+    assert trisocks("user", "list").stdout == "gina\n"
+    duplicate = trisocks("user", "add", "gina", "--password-stdin", stdin="again\n")
+    assert (duplicate.returncode, duplicate.stderr.strip()) == (
+        2, "trisocks: error: user 'gina' already exists")

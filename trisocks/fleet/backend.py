@@ -14,7 +14,7 @@ from typing import Protocol
 
 from trisocks.config import is_db_url
 from trisocks.policy.quotas import UserLimits
-from trisocks.store import Store, UsageDelta, UserUsage
+from trisocks.store import Store, StoreError, UsageDelta, UserUsage
 
 __all__ = ["UserStore", "open_store"]
 
@@ -46,15 +46,16 @@ def open_store(db: Path | str, *, create_dir: bool = False, serving: bool = Fals
     """
     if not is_db_url(db):
         return Store(db, create_dir=create_dir)
-    from trisocks.fleet.postgres import PostgresStore  # psycopg loads only when used
+    import psycopg  # loads only when used
+
+    from trisocks.fleet.cache import CachedStore
+    from trisocks.fleet.postgres import PostgresStore
 
     store = PostgresStore(str(db))
     if not serving:
         return store
-    from trisocks.fleet.cache import CachedStore
-
     try:
         return CachedStore(store)
-    except BaseException:
+    except psycopg.Error as exc:
         store.close()
-        raise
+        raise StoreError(f"cannot read the store: {exc}") from None
