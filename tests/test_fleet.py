@@ -154,3 +154,8 @@ def test_deploy_haproxy_config_is_valid() -> None:
     result = subprocess.run([program("haproxy", "haproxy"), "-c", "-f", str(config)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_missing_program_fails_naming_its_package() -> None:
+    with pytest.raises(pytest.fail.Exception, match="apt-get install no-such-package"):
+        program("trisocks-no-such-program", "no-such-package")
