@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-import socket
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -55,13 +55,13 @@ async def send_reply(
     await stream.send_all(encode_reply(reply, bound))
 
 
-def family_of(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
+@functools.lru_cache(maxsize=4096)
 def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An IP literal, comparable across families: the zone is cut off and an IPv4-mapped IPv6
-    address (a dual-stack socket's view of an IPv4 peer) becomes IPv4."""
+    address (a dual-stack socket's view of an IPv4 peer) becomes IPv4.
+
+    Cached: the same clients and targets come back again and again, and parsing an address
+    costs more than the rest of a rule check."""
     ip = ipaddress.ip_address(host.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
