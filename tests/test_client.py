@@ -135,12 +135,19 @@ async def one_shot_proxy(nursery: trio.Nursery, script: bytes) -> tuple[str, int
 # --- common scenarios, run against each server --------------------------------------------
 
 
-async def check_connect(proxy: Any, echo: tuple[str, int], auth: Any = None) -> None:
+async def check_connect(
+    proxy: Any, echo: tuple[str, int], auth: Any = None, *, half_close: bool = True
+) -> None:
+    """A round trip through *proxy*; with *half_close*, the client's EOF must travel too
+    while the echo comes back."""
     async with await open_socks_stream(proxy, *echo, auth=auth) as stream:
         assert stream.bound_address[0] == "127.0.0.1"
         await stream.send_all(b"round trip")
-        await stream.send_eof()
-        assert await receive_all(stream) == b"round trip"
+        if half_close:
+            await stream.send_eof()
+            assert await receive_all(stream) == b"round trip"
+        else:
+            assert await receive_exactly(stream, 10) == b"round trip"
 
 
 async def check_bind(proxy: Any) -> None:
@@ -240,7 +247,9 @@ async def test_connect_through_microsocks(
     microsocks: tuple[str, int], echo_server: tuple[str, int]
 ) -> None:
     with trio.fail_after(10):
-        await check_connect(microsocks, echo_server, AUTH)
+        # microsocks closes both sides at the first EOF (no half-close), so if the client's EOF
+        # overtakes the echo, the echo is lost: the round trip is checked without EOF.
+        await check_connect(microsocks, echo_server, AUTH, half_close=False)
         with pytest.raises(SocksAuthError):
             await open_socks_stream(microsocks, *echo_server, auth=(USER, "wrong"))
 
