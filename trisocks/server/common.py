@@ -10,6 +10,7 @@ import trio
 
 from trisocks.gss.stream import GssStream, relay_gss
 from trisocks.protocol import Address, Reply, encode_reply
+from trisocks.server import quickio
 from trisocks.server.relay import relay
 from trisocks.sessions import Session
 
@@ -52,7 +53,7 @@ async def send_reply(
 ) -> None:
     """Send a reply and remember it as the session's outcome."""
     session.reply = reply
-    await stream.send_all(encode_reply(reply, bound))
+    await quickio.send(stream, encode_reply(reply, bound))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -29,6 +29,7 @@ from trisocks.protocol import (
     parse_greeting,
     parse_request,
 )
+from trisocks.server import quickio
 from trisocks.server.common import ClientStream
 from trisocks.server.context import ServerContext
 from trisocks.server.gssapi import GssAuthFailed, accept_gssapi
@@ -69,7 +70,7 @@ async def _read(
             message, used = parsed
             del buf[:used]
             return message
-        data = await stream.receive_some(4096)
+        data = await quickio.receive(stream, 4096)
         if not data:
             raise HandshakeFailed("eof", "client closed during the handshake")
         buf += data
@@ -91,7 +92,7 @@ async def handshake(
         (METHOD_OF[m] for m in ctx.config.auth if METHOD_OF[m] in greeting.methods),
         Method.NO_ACCEPTABLE,
     )
-    await stream.send_all(encode_method_selection(method))
+    await quickio.send(stream, encode_method_selection(method))
     if method == Method.NO_ACCEPTABLE:
         raise HandshakeFailed("no_acceptable_method", f"client offered {list(greeting.methods)}")
     if method == Method.USERNAME_PASSWORD:
@@ -99,15 +100,15 @@ async def handshake(
             credentials = await _read(stream, buf, parse_auth_request)
             user = await ctx.authenticator.check(credentials.username, credentials.password)
         except AuthFailed as exc:
-            await stream.send_all(encode_auth_response(False))
+            await quickio.send(stream, encode_auth_response(False))
             raise HandshakeFailed("auth_failed", str(exc)) from None
         if user is None:
-            await stream.send_all(encode_auth_response(False))
+            await quickio.send(stream, encode_auth_response(False))
             name = credentials.username.decode(errors="replace")
             session.user = None
             raise HandshakeFailed("auth_failed", f"bad credentials for user {name!r}")
         session.user = user
-        await stream.send_all(encode_auth_response(True))
+        await quickio.send(stream, encode_auth_response(True))
     client: ClientStream = stream
     if method == Method.GSSAPI:
         try:
@@ -119,6 +120,6 @@ async def handshake(
     except SocksError as exc:
         reply = exc.reply or Reply.GENERAL_FAILURE
         session.reply = reply
-        await client.send_all(encode_reply(reply))
+        await quickio.send(client, encode_reply(reply))
         raise HandshakeFailed(_REASON.get(type(exc), "malformed"), str(exc)) from None
     return request, bytes(buf), client

@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
+import socket
 
 import trio
+from trio.lowlevel import wait_readable
 
 from trisocks.accounting import Accountant
 from trisocks.admin.revocation import CredentialWatcher
@@ -32,6 +35,8 @@ log = logging.getLogger("trisocks.server")
 
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_BACKOFF = 0.1
+ACCEPT_BURST = 64
+"""Connections accepted in a row before the accept loop yields to the sessions it started."""
 
 
 def build_context(config: Config, store: UserStore) -> ServerContext:
@@ -47,28 +52,55 @@ def build_context(config: Config, store: UserStore) -> ServerContext:
 
 
 async def _accept_loop(
-    listener: trio.SocketListener, sessions: trio.Nursery, ctx: ServerContext
+    listener: trio.SocketListener,
+    sessions: trio.Nursery,
+    ctx: ServerContext,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Accept until cancelled, every pending connection per wake-up.
+
+    The loop calls ``accept(2)`` itself on its own duplicate of the listening descriptor:
+    ``SocketListener.accept`` passes through the scheduler once per connection even when one
+    was waiting, and a burst of connections would pay that once each.
+
+    Resource handling: out of descriptors (EMFILE and friends), it logs once, backs off and
+    tries again; the kernel keeps the waiting connections in the listen queue meanwhile.
+    """
     out_of_fds = False
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as exc:
-            if exc.errno not in _OUT_OF_RESOURCES:
-                raise
-            if not out_of_fds:  # log once per episode, not once per retry
-                log.error("accept: %s; pausing accepts until resources free up", exc.strerror)
-                out_of_fds = True
-            await trio.sleep(ACCEPT_BACKOFF)
-            continue
-        if out_of_fds:
-            log.warning("accept: resources available again")
-            out_of_fds = False
-        if len(ctx.registry) >= ctx.config.max_sessions:
-            ctx.stats.rejected_over_limit += 1
-            await trio.aclose_forcefully(stream)
-            continue
-        sessions.start_soon(handle_client, stream, ctx)
+    burst = 0
+    with socket.socket(fileno=os.dup(listener.socket.fileno())) as raw:
+        raw.setblocking(False)
+        task_status.started()  # the duplicate exists: running out of fds can't stop us now
+        while True:
+            if burst >= ACCEPT_BURST:  # let the sessions just accepted run
+                burst = 0
+                await trio.lowlevel.checkpoint()
+            try:
+                sock, _ = raw.accept()
+                burst += 1
+            except BlockingIOError:
+                burst = 0
+                await wait_readable(raw)
+                continue
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                if not out_of_fds:  # log once per episode, not once per retry
+                    log.error("accept: %s; pausing accepts until resources free up",
+                              exc.strerror)
+                    out_of_fds = True
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            if out_of_fds:
+                log.warning("accept: resources available again")
+                out_of_fds = False
+            if len(ctx.registry) >= ctx.config.max_sessions:
+                ctx.stats.rejected_over_limit += 1
+                await trio.aclose_forcefully(stream)
+                continue
+            sessions.start_soon(handle_client, stream, ctx)
 
 
 async def serve(
@@ -102,7 +134,7 @@ async def serve(
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
                 for listener in listeners:
-                    accepting.start_soon(_accept_loop, listener, sessions, ctx)
+                    await accepting.start(_accept_loop, listener, sessions, ctx)
                 await _start_admin(root, ctx)
                 task_status.started(ctx)
                 await ctx.shutdown.wait()
