@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -67,7 +68,7 @@ class Engine:
                 await wait_readable(sfd)
                 if not await self.drain(sfd, dfd, add, throttle):
                     break
-            await dst.send_eof()
+            dst.socket.shutdown(socket.SHUT_WR)  # EOF passed on: a half-close, not a close
         except (OSError, trio.ClosedResourceError) as exc:
             stop(exc)
 
