@@ -92,6 +92,21 @@ def _write_some(fd: int, view: memoryview) -> int:
         return 0
 
 
+async def _moved(
+    n: int, add: Callable[[int], None], throttle: Throttle | None, budget: int
+) -> int:
+    """After a chunk of *n* bytes: count it, hold to the rate limit, and give the scheduler a
+    turn once :data:`YIELD_EVERY` bytes have gone by; returns the budget left."""
+    add(n)
+    if throttle is not None:
+        await throttle(n)
+    budget -= n
+    if budget > 0:
+        return budget
+    await checkpoint()
+    return YIELD_EVERY
+
+
 async def _copy_chunk(sfd: int, dfd: int, buf: memoryview) -> int | None:
     """Copy what *sfd* has now (up to ``len(buf)``) to *dfd*: the byte count, 0 at EOF, or
     None when nothing is readable."""
@@ -147,13 +162,7 @@ class CopyEngine(Engine):
                     return True
                 if n == 0:
                     return False
-                add(n)
-                if throttle is not None:
-                    await throttle(n)
-                budget -= n
-                if budget <= 0:
-                    budget = YIELD_EVERY
-                    await checkpoint()
+                budget = await _moved(n, add, throttle, budget)
         finally:
             self._release(buf)
 
@@ -244,13 +253,7 @@ class SpliceEngine(Engine):
                         left -= splice(r, dfd, left, flags=flags)
                     except BlockingIOError:
                         await wait_writable(dfd)
-                add(n)
-                if throttle is not None:
-                    await throttle(n)
-                budget -= n
-                if budget <= 0:
-                    budget = YIELD_EVERY
-                    await checkpoint()
+                budget = await _moved(n, add, throttle, budget)
         finally:
             self._release(pipe, clean=clean)
 
