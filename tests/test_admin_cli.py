@@ -96,6 +96,13 @@ async def test_errors_exit_2_with_a_message(admin_proxy: Proxy) -> None:
     assert "cannot reach the admin API at http://127.0.0.1:1" in down.stderr.decode()
 
 
+async def test_malformed_url_is_one_line_and_status_2() -> None:
+    bad = await trisocks("usage", "--url", "http://[::1", "--token", "x")
+    assert bad.returncode == 2
+    assert bad.stderr.decode().startswith("trisocks: error: bad admin API URL 'http://[::1': ")
+    assert bad.stderr.decode().count("\n") == 1
+
+
 async def test_token_from_the_servers_file(
     start_proxy: Callable[..., Any], db_path: Path, monkeypatch: Any
 ) -> None:

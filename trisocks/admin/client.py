@@ -44,10 +44,16 @@ def find_token(flag: str | None, db: Path) -> str:
 
 class AdminClient:
     def __init__(self, url: str | None, token: str, *, timeout: float = 10.0) -> None:
+        """Raises:
+            AdminError: *url* is not a usable URL (httpx.InvalidURL is no HTTPError).
+        """
         self.url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
-        self._http = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
-        )
+        try:
+            self._http = httpx.Client(
+                base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+            )
+        except httpx.InvalidURL as exc:
+            raise AdminError(f"bad admin API URL {self.url!r}: {exc}") from None
 
     def __enter__(self) -> AdminClient:
         return self
@@ -63,6 +69,8 @@ class AdminClient:
         """
         try:
             response = self._http.request(method, path, **kwargs)
+        except httpx.InvalidURL as exc:
+            raise AdminError(f"bad admin API URL {self.url!r}: {exc}") from None
         except httpx.HTTPError as exc:
             raise AdminError(f"cannot reach the admin API at {self.url}: {exc}") from None
         if response.status_code >= 400:
