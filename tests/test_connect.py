@@ -423,3 +423,22 @@ async def test_shutdown_grace_cancels_stragglers(
     with trio.fail_after(30):
         await assert_closed(stream)
     assert 7 <= trio.current_time() - start < 8
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a" * 255, "a" * 64 + ".example", "a..example", "\u00e9" * 100],
+    ids=["255-byte-label", "64-byte-label", "empty-label", "unencodable-idna"],
+)
+async def test_names_idna_rejects_are_04_and_server_lives(
+    proxy: Proxy, echo_server: tuple[str, int], name: str
+) -> None:
+    """RFC 1928 allows any 1..255-byte DST.ADDR; Python's getaddrinfo raised UnicodeError (not
+    an OSError) for labels the idna codec refuses, and that took the whole server down."""
+    with trio.fail_after(5):
+        stream, rep, _, _ = await request_reply(proxy, connect_request(name, 80))
+        assert rep == Reply.HOST_UNREACHABLE
+        await assert_closed(stream)
+        stream, rep, _, _ = await request_reply(proxy, connect_request(*echo_server))
+        assert rep == Reply.SUCCEEDED
+        await stream.aclose()
