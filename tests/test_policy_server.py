@@ -4,7 +4,9 @@ end, bandwidth, session lifetime and reload."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -303,6 +305,10 @@ def test_user_limits_cli(tmp_path: Path) -> None:
     bad = subprocess.run([*run, "limits", "nobody", "--db", str(db)], text=True,
                          capture_output=True)
     assert bad.returncode == 2 and "no user 'nobody'" in bad.stderr
+    huge = subprocess.run([*run, "limits", "carol", "--max-sessions", "9" * 20, "--db", str(db)],
+                          text=True, capture_output=True)
+    assert (huge.returncode, huge.stderr.count("\n")) == (2, 1), huge.stderr  # no traceback
+    assert huge.stderr.startswith("trisocks: error: --max-sessions: must be at most ")
     logging.getLogger().handlers.clear()
 
 
@@ -330,6 +336,12 @@ async def test_admin_api_reload_limits_and_metrics(
             assert user["limits"]["rate_up"] == 1 << 20 and user["quota_used"]["day"] == 0
             bad = await api.put(f"/api/users/{USER}/limits", json={"quota_day": -1})
             assert bad.status_code == 400
+            for body in ({"quota_day": 1 << 63}, {"max_session_duration": math.nan}):
+                refused = await api.put(f"/api/users/{USER}/limits",  # was a 500
+                                        content=json.dumps(body), headers={
+                                            **headers, "Content-Type": "application/json"})
+                assert refused.status_code == 400, refused.text
+                assert next(iter(body)) in refused.json()["error"]
             reloaded = await api.post("/api/reload")
             assert reloaded.status_code == 200 and reloaded.json()["rules"] == 1
             stream, rep, _, _ = await request_reply(proxy, connect_request(*echo_server))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from trisocks.policy import (
     parse_size,
     quota_exceeded,
 )
+from trisocks.policy.quotas import MAX_LIMIT, check_limit
 
 ip = ipaddress.ip_address
 
@@ -151,11 +153,35 @@ def test_auth_backoff_doubles_caps_and_forgets() -> None:
     assert backoff.blocked("ip", 100) == 0 and len(backoff) == 0
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("max_sessions", 0, "greater than 0"),
+        ("max_sessions", 1.5, "whole number"),
+        ("max_sessions", True, "whole number"),
+        ("quota_day", 1 << 63, "at most"),  # SQLite INTEGER would raise OverflowError
+        ("max_session_duration", math.nan, "greater than 0"),  # trio refuses NaN deadlines
+        ("max_session_duration", math.inf, "at most"),
+        ("rate_up", "5", "whole number"),
+    ],
+)
+def test_check_limit_refuses(field: str, value: object, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        check_limit(field, value)
+
+
+def test_check_limit_accepts() -> None:
+    for field, value in [("max_sessions", MAX_LIMIT), ("max_session_duration", 0.5),
+                         ("quota_month", 1), ("rate_down", None)]:
+        check_limit(field, value)
+
+
 def test_sizes_and_quotas() -> None:
     assert [parse_size(t) for t in ("1500", "64k", "10M", "2GiB")] == [
         1500, 64 << 10, 10 << 20, 2 << 30]
-    with pytest.raises(ValueError, match="not a size"):
-        parse_size("lots")
+    for text in ("lots", "9" * 400):  # the second would be int(inf): OverflowError
+        with pytest.raises(ValueError, match="not a size"):
+            parse_size(text)
     limits = UserLimits(quota_day=100, quota_month=1000)
     assert quota_exceeded(limits, 99, 500) is None
     assert quota_exceeded(limits, 100, 500) == "daily"

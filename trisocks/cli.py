@@ -29,7 +29,7 @@ from trisocks.fleet.backend import UserStore, open_store
 from trisocks.fleet.workers import supervise, worker_config, worker_index
 from trisocks.logs import setup_logging
 from trisocks.passwords import hash_password
-from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, parse_size
+from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, check_limit, parse_size
 from trisocks.store import StoreError
 
 __all__ = ["main"]
@@ -285,8 +285,10 @@ def _limit_value(field: str, text: str) -> int | float | None:
             value = int(text) if field == "max_sessions" else parse_size(text)
     except ValueError:
         _fail(f"--{field.replace('_', '-')}: {text!r} is not a number or size")
-    if value <= 0:
-        _fail(f"--{field.replace('_', '-')}: must be greater than 0 (or 'off')")
+    try:
+        check_limit(field, value)
+    except ValueError as exc:
+        _fail(f"--{field.replace('_', '-')}: {exc} (or 'off')")
     return value
 
 

@@ -14,7 +14,7 @@ from werkzeug.exceptions import BadRequest, NotFound
 
 from trisocks.admin.errors import json_body
 from trisocks.config import ConfigError
-from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, usage
+from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, check_limit, usage
 from trisocks.server.reload import reload_config
 from trisocks.store import StoreError
 
@@ -37,10 +37,10 @@ def _limits(body: dict[str, Any], current: UserLimits) -> UserLimits:
     if unknown:
         raise BadRequest(f"{sorted(unknown)[0]}: unknown limit (known: {', '.join(LIMIT_FIELDS)})")
     for field, value in body.items():
-        number = int | float if field == "max_session_duration" else int
-        if value is not None and (isinstance(value, bool) or not isinstance(value, number)
-                                  or value <= 0):
-            raise BadRequest(f"{field}: expected a positive number or null, got {value!r}")
+        try:
+            check_limit(field, value)
+        except ValueError as exc:
+            raise BadRequest(f"{field}: {exc}") from None
     return UserLimits(**{**current.as_dict(), **body})
 
 

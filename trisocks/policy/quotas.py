@@ -9,6 +9,7 @@ byte counters, not to the flush interval.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
     from trisocks.accounting import Accountant
     from trisocks.fleet.backend import UserStore
 
-__all__ = ["LIMIT_FIELDS", "UserLimits", "parse_size", "period_starts", "quota_exceeded", "usage"]
+__all__ = ["LIMIT_FIELDS", "MAX_LIMIT", "UserLimits", "check_limit", "parse_size", "period_starts",
+           "quota_exceeded", "usage"]
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -47,6 +49,30 @@ class UserLimits:
 
 LIMIT_FIELDS = tuple(f.name for f in attrs.fields(UserLimits))
 
+MAX_LIMIT = (1 << 63) - 1
+"""The largest value a limit may have: SQLite INTEGER and PostgreSQL BIGINT are 64-bit signed."""
+
+
+def check_limit(field: str, value: object) -> None:
+    """Check one of :class:`UserLimits`' fields before it is stored (``None`` clears it).
+
+    ``max_session_duration`` takes any finite number, the others whole numbers; all must be
+    greater than 0 and at most :data:`MAX_LIMIT` (a NaN duration would reach trio as a deadline).
+
+    Raises:
+        ValueError: the message says what is wrong, without the field's name.
+    """
+    if value is None:
+        return
+    number = (int, float) if field == "max_session_duration" else (int,)
+    if isinstance(value, bool) or not isinstance(value, number):
+        raise ValueError(f"expected a positive {'number' if len(number) == 2 else 'whole number'}"
+                         f" or null, got {value!r}")
+    if not value > 0:  # also NaN
+        raise ValueError(f"must be greater than 0, got {value!r}")
+    if not value <= MAX_LIMIT:
+        raise ValueError(f"must be at most {MAX_LIMIT}, got {value!r}")
+
 
 def parse_size(text: str) -> int:
     """``1500``, ``64k``, ``10M``, ``2GiB`` -> bytes (binary units).
@@ -55,9 +81,10 @@ def parse_size(text: str) -> int:
         ValueError: not a size.
     """
     match = _SIZE.fullmatch(text.strip())
-    if match is None:
+    size = float(match[1]) * _UNITS[match[2].lower()] if match else math.nan
+    if not math.isfinite(size):  # int(inf) would raise OverflowError
         raise ValueError(f"{text!r} is not a size (like 500, 64k, 10M, 2G)")
-    return int(float(match[1]) * _UNITS[match[2].lower()])
+    return int(size)
 
 
 def period_starts(now: float) -> tuple[str, str]:
