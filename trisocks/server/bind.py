@@ -36,6 +36,7 @@ from trisocks.server.common import (
     watch_control,
 )
 from trisocks.server.context import ServerContext
+from trisocks.server.dial import lookup
 from trisocks.server.errors import reply_for
 from trisocks.sessions import Session
 
@@ -96,7 +97,7 @@ async def _expected_peer_ips(address: Address) -> frozenset[IP] | None:
     """
     if address.atyp != AddressType.DOMAIN:
         return None if address.is_unspecified else frozenset({ip_of(address.host)})
-    infos = await trio.socket.getaddrinfo(address.host, None, type=socket.SOCK_STREAM)
+    infos = await lookup(address.host, None, socket.SOCK_STREAM)
     return frozenset(ip_of(str(info[4][0])) for info in infos)
 
 

@@ -20,7 +20,7 @@ from trisocks.policy.rules import IP, Decision
 from trisocks.protocol import Address, AddressType
 from trisocks.server.common import ip_of
 
-__all__ = ["Denied", "connect_any", "dial", "resolve"]
+__all__ = ["Denied", "connect_any", "dial", "lookup", "resolve"]
 
 Target = tuple[socket.AddressFamily, Any]
 """A family and a socket address to connect to."""
@@ -34,6 +34,33 @@ class Denied(Exception):
         self.decision = decision
 
 
+def _wire_name(host: str) -> bytes:
+    """*host* as the resolver gets it. Given a ``str``, Python's ``getaddrinfo`` runs the
+    ``idna`` codec, which raises ``UnicodeError`` (not an OSError) for a label over 63 bytes,
+    an empty label or a name over 253 bytes: a DST.ADDR any client may send (RFC 1928 allows
+    1..255 bytes). ASCII goes to the resolver as it came; other UTF-8 is IDNA-encoded, and a
+    name that cannot be is "not known".
+
+    Raises:
+        socket.gaierror: the name cannot be encoded for the resolver.
+    """
+    if host.isascii():
+        return host.encode("ascii")
+    try:
+        return host.encode("idna")
+    except UnicodeError:
+        raise socket.gaierror(socket.EAI_NONAME, f"name cannot be IDNA-encoded: {host!r}") from None
+
+
+async def lookup(host: str, port: int | None, type: int) -> list[Any]:
+    """``getaddrinfo`` for a DST.ADDR domain: never raises anything but OSError.
+
+    Raises:
+        OSError: the name does not resolve (``socket.gaierror``).
+    """
+    return await trio.socket.getaddrinfo(_wire_name(host), port, type=type)
+
+
 async def resolve(address: Address) -> list[Target]:
     """The addresses to try for *address*, families interleaved (RFC 8305 §4).
 
@@ -43,7 +70,7 @@ async def resolve(address: Address) -> list[Target]:
     if address.atyp != AddressType.DOMAIN:
         family = socket.AF_INET6 if address.atyp == AddressType.IPV6 else socket.AF_INET
         return [(family, (address.host, address.port))]
-    infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    infos = await lookup(address.host, address.port, socket.SOCK_STREAM)
     by_family: dict[int, list[Target]] = {}
     for family, _type, _proto, _name, sockaddr in infos:
         target = (family, sockaddr)

@@ -50,6 +50,7 @@ from trisocks.server.common import (
     watch_control,
 )
 from trisocks.server.context import ServerContext, Stats
+from trisocks.server.dial import lookup
 from trisocks.server.errors import reply_for
 from trisocks.sessions import Session
 
@@ -166,7 +167,7 @@ class NameCache:
         now = trio.current_time()
         cached = self._entries.get(host)
         if cached is None or cached[0] <= now:
-            infos = await trio.socket.getaddrinfo(host, 0, type=socket.SOCK_DGRAM)
+            infos = await lookup(host, 0, socket.SOCK_DGRAM)
             family, _type, _proto, _name, sockaddr = infos[0]
             self._entries.pop(host, None)
             if len(self._entries) >= self.size:
