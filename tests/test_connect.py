@@ -442,3 +442,25 @@ async def test_names_idna_rejects_are_04_and_server_lives(
         stream, rep, _, _ = await request_reply(proxy, connect_request(*echo_server))
         assert rep == Reply.SUCCEEDED
         await stream.aclose()
+
+
+async def test_a_failing_session_does_not_stop_the_server(
+    proxy: Proxy, echo_server: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any exception a session did not expect ends that session only (it used to escape to
+    the accept loop's nursery and end the whole server)."""
+    from trisocks.protocol import Command
+    from trisocks.server import session as session_module
+
+    async def broken(*args: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(session_module.HANDLERS, Command.BIND, broken)
+    with trio.fail_after(5):
+        stream = await proxy.open_raw()
+        await socks_handshake(stream)
+        await stream.send_all(connect_request("127.0.0.1", 1, cmd=2))
+        await assert_closed(stream)
+        stream, rep, _, _ = await request_reply(proxy, connect_request(*echo_server))
+        assert rep == Reply.SUCCEEDED
+        await stream.aclose()

@@ -63,6 +63,9 @@ async def handle_client(stream: trio.SocketStream, ctx: ServerContext) -> None:
             session.close_reason = "handshake timeout"
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             session.close_reason = session.close_reason or f"client: {exc}"
+        except Exception as exc:  # a bug in one session must not stop the server
+            log.exception("session %s: internal error", session.id)
+            session.close_reason = f"internal error: {type(exc).__name__}: {exc}"
         finally:
             if session.scope.cancel_called and session.close_reason is None:
                 expired = trio.current_time() >= session.scope.deadline
