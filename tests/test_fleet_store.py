@@ -62,6 +62,19 @@ def test_both_backends_behave_alike(any_store: UserStore) -> None:
     assert s.user_limits("bob") == UserLimits()
 
 
+def test_sqlite_reads_of_one_user_are_indexed_lookups(tmp_path: Path) -> None:
+    """The server reads one user's row on the trio loop: it must not scan every user."""
+    store = Store(tmp_path / "s.db")
+    traced: list[str] = []
+    store._db.set_trace_callback(traced.append)
+    assert store.usage("bob") == []
+    store._db.set_trace_callback(None)
+    (query,) = traced
+    plan = [row[3] for row in store._db.execute(f"EXPLAIN QUERY PLAN {query}")]
+    store.close()
+    assert not [step for step in plan if step.startswith("SCAN") and "names" not in step], plan
+
+
 def test_postgres_schema_matches_sqlite(tmp_path: Path, pg_url: str) -> None:
     Store(tmp_path / "s.db").close()
     PostgresStore(pg_url).close()

@@ -263,18 +263,23 @@ class Store:
 
     def usage(self, name: str | None = None) -> list[UserUsage]:
         """Totals of every user (and of anonymous sessions), or of one."""
-        query = """
+        # One user's filter goes inside both arms: SQLite does not push a WHERE on the union
+        # down into it, and would scan both tables for a single-row answer on the trio loop.
+        names = "SELECT name FROM users UNION SELECT user FROM usage"
+        params: tuple[str, ...] = ()
+        if name is not None:
+            names = ("SELECT name FROM users WHERE name = ? "
+                     "UNION SELECT user FROM usage WHERE user = ?")
+            params = (name, name)
+        query = f"""
             SELECT names.name, COALESCE(u.sessions_total, 0), COALESCE(u.bytes_up, 0),
                    COALESCE(u.bytes_down, 0), COALESCE(u.datagrams_up, 0),
                    COALESCE(u.datagrams_down, 0), u.last_seen
-            FROM (SELECT name FROM users UNION SELECT user FROM usage) AS names
+            FROM ({names}) AS names
             LEFT JOIN usage AS u ON u.user = names.name
+            ORDER BY 1
         """
-        params: tuple[str, ...] = ()
-        if name is not None:
-            query += " WHERE names.name = ?"
-            params = (name,)
-        return [UserUsage(*row) for row in self._db.execute(query + " ORDER BY 1", params)]
+        return [UserUsage(*row) for row in self._db.execute(query, params)]
 
 
 class _Transaction:
