@@ -67,3 +67,52 @@ def test_workers_need_fixed_ports(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "workers: port 0 would give every worker its own port" in result.stderr
+
+
+async def test_workers_outlive_the_thread_that_could_have_forked_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PR_SET_PDEATHSIG fires when the *thread* that forked the child exits. Workers forked
+    from one of trio's cached threads got SIGTERM once it retired (10 idle seconds, made
+    0.05 s here), so every worker stopped 10 s after it started and was restarted."""
+    import trio
+    import trio._core._thread_cache
+
+    from trisocks.fleet import workers
+
+    monkeypatch.setattr(trio._core._thread_cache, "IDLE_TIMEOUT", 0.05)
+    pool = workers._Pool([sys.executable, "-c", "import time; time.sleep(60)"])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(workers._keep_running, pool, 0)
+        await trio.sleep(0.1)
+        (proc,) = pool.running.values()
+        await trio.to_thread.run_sync(time.sleep, 0)  # a cached thread, retired 0.05 s later
+        await trio.sleep(1.0)
+        assert proc.poll() is None and pool.running[0] is proc  # alive, never restarted
+        pool.stop()
+    assert proc.returncode == -15  # the SIGTERM of stop(), reaped
+    assert not pool.running
+
+
+def test_workers_stop_when_the_supervisor_dies(tmp_path: Path) -> None:
+    log = tmp_path / "supervisor.log"
+    with open(log, "wb") as out:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "trisocks", "serve", "--listen", f"127.0.0.1:{free_port()}",
+             "--no-admin", "--db", str(tmp_path / "w.db"), "--workers", "2"],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: log.read_text().count("listening on") == 2, "two workers")
+        workers = children(supervisor.pid)
+    finally:
+        supervisor.kill()  # no chance to stop them itself: PR_SET_PDEATHSIG must
+        supervisor.wait()
+
+    def running(pid: int) -> bool:
+        try:
+            return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    assert len(workers) == 2
+    wait_until(lambda: not any(map(running, workers)), "the orphaned workers to stop")

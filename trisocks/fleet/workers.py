@@ -24,6 +24,7 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
 
 import attrs
@@ -64,14 +65,14 @@ def supervise(config: Config, argv: list[str]) -> int:
 
 @attrs.define
 class _Pool:
-    argv: list[str]
+    command: list[str]
     stopping: trio.Event = attrs.field(factory=trio.Event)
-    running: dict[int, trio.Process] = attrs.field(factory=dict)
+    running: dict[int, subprocess.Popen[bytes]] = attrs.field(factory=dict)
     status: int = 0
 
     def signal_all(self, signum: int) -> None:
         for proc in self.running.values():
-            if proc.returncode is None:
+            if proc.poll() is None:
                 proc.send_signal(signum)
 
     def stop(self, status: int = 0) -> None:
@@ -81,7 +82,7 @@ class _Pool:
 
 
 async def _supervise(count: int, argv: list[str]) -> int:
-    pool = _Pool(argv)
+    pool = _Pool([sys.executable, "-m", "trisocks", *argv])
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
 
         async def forward() -> None:
@@ -102,30 +103,52 @@ async def _supervise(count: int, argv: list[str]) -> int:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the supervisor dies, so no worker is orphaned."""
+    """In the child before exec: SIGTERM when the supervisor dies, so no worker is orphaned.
+
+    The kernel sends it when the *thread* that forked the child exits (prctl(2)), which is why
+    :func:`_spawn` forks from the main thread.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(command: list[str], index: int) -> subprocess.Popen[bytes]:
+    """Start worker *index* from the main thread.
+
+    Not ``trio.lowlevel.open_process``: it forks in a worker thread of trio's cache, which
+    exits after 10 idle seconds and so fired every worker's PDEATHSIG, stopping each one 10 s
+    after it started. Forking here blocks the supervisor's loop for a few milliseconds; it
+    runs no sessions.
+    """
+    return subprocess.Popen(command, env={**os.environ, WORKER_ENV: str(index)},
+                            preexec_fn=_die_with_parent)
+
+
+async def _wait(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for *proc* to exit without a thread (a pidfd is readable once it has); reap it."""
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    return proc.wait()
 
 
 async def _keep_running(pool: _Pool, index: int) -> None:
     delay = RESTART_DELAY
     while not pool.stopping.is_set():
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "trisocks", *pool.argv],
-            env={**os.environ, WORKER_ENV: str(index)},
-            preexec_fn=_die_with_parent,
-        )
+        proc = _spawn(pool.command, index)
         pool.running[index] = proc
         if pool.stopping.is_set():  # a signal came while it was starting
             proc.terminate()
         started = trio.current_time()
         try:
-            status = await proc.wait()
+            status = await _wait(proc)
         finally:
-            if proc.returncode is None:  # the supervisor itself is being torn down
+            if proc.poll() is None:  # the supervisor itself is being torn down
                 proc.kill()
                 with trio.CancelScope(shield=True):
-                    await proc.wait()
+                    await _wait(proc)
             del pool.running[index]
         if pool.stopping.is_set():
             return
