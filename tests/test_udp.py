@@ -240,3 +240,18 @@ async def test_killing_the_session_ends_the_association(proxy: Proxy) -> None:
             assert await receive_all(control) == b""
         await wait_sessions_ended(proxy)
         assert session.close_reason == "admin kill"
+
+
+async def test_udp_names_the_idna_codec_refuses_are_dropped(proxy: Proxy, udp_echo: Any) -> None:
+    """A datagram to a 255-byte (one label) domain is dropped as unreachable; it used to raise
+    UnicodeError in getaddrinfo and end the association and the server with it."""
+    with trio.fail_after(10):
+        control, relay = await associate(proxy)
+        with await open_udp() as client:
+            async with control:
+                name = b"\x03\xff" + b"a" * 255
+                await client.sendto(header(name, udp_echo[1]) + b"lost", relay)
+                await client.sendto(header(LOCALHOST4, udp_echo[1]) + b"ping", relay)
+                data, _ = await client.recvfrom(65536)
+                assert data == header(LOCALHOST4, udp_echo[1]) + b"ping"
+                assert proxy.ctx.stats.udp_dropped["unreachable"] == 1
