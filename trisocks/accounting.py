@@ -89,14 +89,22 @@ class Accountant:
             raise
 
     async def run(self, interval: float) -> None:
-        """Flush every *interval* seconds until cancelled, then once more."""
+        """Flush every *interval* seconds until cancelled, then once more.
+
+        Error handling: a failed flush is logged and retried at the next one; a failed last
+        flush is logged too, and not raised: it would turn the server's orderly stop into a
+        crash (an exception out of the root nursery) without saving anything more.
+        """
         try:
             while True:
                 await trio.sleep(interval)
                 with contextlib.suppress(Exception):  # logged in flush; retried next time
                     self.flush()
         finally:
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # logged in flush
+                log.error("accounting: usage since the last flush is lost")
 
     def unflushed_bytes(self, name: str) -> int:
         """Payload bytes of *name* (both directions) not in the store yet: pending for the
