@@ -12,13 +12,17 @@ admin asked for anyway.
   lets libpq parse what arrived; no thread sits blocked in a LISTEN.
 - :class:`LocalChannel`: workers sharing an SQLite file are on one machine; each binds a Unix
   datagram socket in the abstract namespace (Linux; nothing to clean up after a crash).
+  Abstract sockets have no file permissions, so any local user could send to one: the kernel
+  attaches each sender's credentials (``SO_PASSCRED``) and kills from another uid are dropped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import struct
 from collections.abc import Callable
 from typing import Protocol
 
@@ -85,11 +89,27 @@ class LocalChannel:
     async def run(self, on_kill: OnKill, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             await sock.bind("\0" + self.address)
             task_status.started()
             while True:
-                if kill := Kill.decode(await sock.recv(65536)):
+                data, ancdata, _, _ = await sock.recvmsg(65536, socket.CMSG_SPACE(_UCRED.size))
+                uid = _sender_uid(ancdata)
+                if uid != os.getuid():
+                    log.warning("fleet channel: ignored a message from uid %s", uid)
+                elif kill := Kill.decode(data):
                     on_kill(kill)
+
+
+_UCRED = struct.Struct("iII")
+"""``struct ucred``: pid, uid, gid."""
+
+
+def _sender_uid(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancdata:
+        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
+            return int(_UCRED.unpack(data[:_UCRED.size])[1])
+    return None
 
 
 class PostgresChannel:
