@@ -60,6 +60,16 @@ def test_user_bad_input_exits_2(
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_password_prompt_without_input_exits_2(tmp_path: Path) -> None:
+    # A new session has no controlling terminal: getpass falls back to stdin, which is empty.
+    result = subprocess.run([*TRISOCKS, "user", "add", "carol", "--db", str(tmp_path / "u.db")],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=30, start_new_session=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.endswith(
+        "trisocks: error: no password read: input ended (to pipe one in, use --password-stdin)\n")
+
+
 def test_duplicate_user_exits_2(tmp_path: Path) -> None:
     db = tmp_path / "u.db"
     run("user", "add", "alice", "--password-stdin", stdin="pw\n", db=db)

@@ -239,8 +239,12 @@ def _read_password(args: argparse.Namespace) -> bytes:
         line = sys.stdin.readline()
         password = line.rstrip("\r\n")
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
+        try:
+            password = getpass.getpass("Password: ")
+            again = getpass.getpass("Again: ")
+        except EOFError:  # no terminal, and stdin ended
+            _fail("no password read: input ended (to pipe one in, use --password-stdin)")
+        if again != password:
             _fail("the two passwords differ")
     raw = password.encode()
     if not 1 <= len(raw) <= 255:
