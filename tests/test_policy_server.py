@@ -376,27 +376,36 @@ def test_sighup_reloads_the_config_file_and_rejects_a_broken_one(tmp_path: Path)
             s.sendall(hello + connect_request("127.0.0.1", closed))
             return recv_exactly(s, 6)[5]
 
-    def hup_and_wait(proc: subprocess.Popen[str]) -> None:
-        proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+    log = tmp_path / "stderr.log"
 
-    proc = subprocess.Popen([*TRISOCKS, "serve", "--config", str(config)],
-                            stderr=subprocess.PIPE, text=True)
+    def hup_and_wait(proc: subprocess.Popen[bytes], outcome: str) -> None:
+        """SIGHUP, then wait for the reload's log line: without it, "nothing changed" would
+        pass as well when the signal has simply not been handled yet."""
+        seen = log.read_text().count(outcome)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while log.read_text().count(outcome) == seen:
+            assert time.monotonic() < deadline, f"no {outcome!r} after SIGHUP"
+            time.sleep(0.02)
+
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([*TRISOCKS, "serve", "--config", str(config)], stderr=stderr)
     try:
         wait_listening(port, proc)
         assert connect_rep() == 5  # refused: nothing listens there
         config.write_text(base + "rules = [[[\n")
-        hup_and_wait(proc)
+        hup_and_wait(proc, "reload rejected, keeping the running config")
         assert connect_rep() == 5  # the broken file changed nothing
         rule = f'{{ id = "closed", action = "deny", ports = [{closed}] }}'
         config.write_text(base + f"rules = [{rule}]\n")
-        hup_and_wait(proc)
+        hup_and_wait(proc, "reloaded config: 1 rules")
         assert connect_rep() == 2
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        proc.wait(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+    err = log.read_text()
     assert "reload rejected, keeping the running config" in err
     assert "reloaded config: 1 rules" in err and "rule=closed" in err
