@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,6 +113,25 @@ def test_bad_config_is_one_clear_line_and_exit_2(
     result = run("serve", "--config", str(config), *flags, db=tmp_path / "t.db")
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("make_token", "message"), [
+    (lambda p: p.write_text(""), "cannot start: admin token file {path} is empty"),
+    (lambda p: p.mkdir(), "cannot start: {path}: Is a directory"),
+], ids=["empty", "directory"])
+def test_unusable_admin_token_file_is_named_not_a_listen_error(
+    tmp_path: Path, make_token: Any, message: str
+) -> None:
+    db = tmp_path / "t.db"
+    run("user", "add", "alice", "--password-stdin", stdin="pw\n", db=db)
+    token = tmp_path / "admin-token"
+    make_token(token)
+    result = run("serve", "--listen", f"127.0.0.1:{free_port()}",
+                 "--admin", f"127.0.0.1:{free_port()}", db=db)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == "trisocks: error: " + message.format(path=token) + (
+        "; delete it for a new token" if "empty" in message else "")
     assert "Traceback" not in result.stderr
 
 

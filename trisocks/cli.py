@@ -192,10 +192,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, ExceptionGroup) as exc:
         if (error := _os_error(exc)) is None:
             raise
-        _fail(f"cannot listen: {error.strerror or error}")
+        _fail(_startup_error(error))
     finally:
         store.close()
     return 0
+
+
+def _startup_error(error: OSError) -> str:
+    """The one line for an OSError that stopped ``serve``: a socket that cannot be bound,
+    or a file it needs (the admin token) named with its path."""
+    if error.filename is not None:
+        return f"cannot start: {error.filename}: {error.strerror}"
+    if error.errno is None:  # raised with a message of our own
+        return f"cannot start: {error}"
+    return f"cannot listen: {error.strerror or error}"
 
 
 def _os_error(exc: BaseException) -> OSError | None:
