@@ -5,6 +5,10 @@ successful check leaves a keyed BLAKE2 digest of the password in memory, bound t
 hash it matched: the next login with the same password costs one dictionary lookup and a
 constant-time compare, and changing the password in the store (from any process) makes the
 digest stale at once because the stored hash differs.
+
+Only successes take the shortcut. A wrong password always costs a full scrypt check, as an
+unknown user does: otherwise a quick "no" would tell an attacker that the name exists and
+logged in recently, and let it guess that user's password at no cost to the server.
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ class Authenticator:
         stored = self._store.password_hash(name) if name is not None else None
         if name is not None and stored is not None:
             cached = self._verified.get(name)
-            if cached is not None and cached[0] == stored:
-                return name if hmac.compare_digest(cached[1], self._digest(password)) else None
+            if (cached is not None and cached[0] == stored
+                    and hmac.compare_digest(cached[1], self._digest(password))):
+                return name
         ok = await trio.to_thread.run_sync(
             verify_password, password, stored or DUMMY_HASH, limiter=self._limiter
         )
