@@ -37,6 +37,8 @@ class _Pending:
 
 
 class Accountant:
+    """Takes per-user usage from the registry's sessions and adds it to the store."""
+
     def __init__(self, store: UserStore, registry: SessionRegistry) -> None:
         self.store = store
         self.registry = registry

@@ -29,6 +29,8 @@ __all__ = ["Authenticator"]
 
 
 class Authenticator:
+    """Checks RFC 1929 credentials against *store* (module docstring: threads, cache)."""
+
     def __init__(self, store: UserStore, *, threads: int = 2) -> None:
         self._store = store
         self._key = secrets.token_bytes(32)

@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``trisocks`` command with *argv* (default: ``sys.argv[1:]``); return the exit
+    status. Bad input exits with status 2 and one line on stderr."""
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv  # what --workers runs again
     return int(args.func(args) or 0)

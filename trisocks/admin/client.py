@@ -43,6 +43,8 @@ def find_token(flag: str | None, db: Path) -> str:
 
 
 class AdminClient:
+    """A synchronous admin API client for the CLI; use it as a context manager."""
+
     def __init__(self, url: str | None, token: str, *, timeout: float = 10.0) -> None:
         """Raises:
             AdminError: *url* is not a usable URL (httpx.InvalidURL is no HTTPError).

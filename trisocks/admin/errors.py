@@ -12,6 +12,7 @@ __all__ = ["json_body", "json_error"]
 
 
 async def json_error(exc: HTTPException) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Answer any HTTP error as ``{"error": ...}`` with its status (401 names the scheme)."""
     headers = {"WWW-Authenticate": 'Bearer realm="trisocks"'} if exc.code == 401 else {}
     return {"error": exc.description or exc.name}, exc.code or 500, headers
 

@@ -45,6 +45,7 @@ def _limits(body: dict[str, Any], current: UserLimits) -> UserLimits:
 
 
 def policy_blueprint(ctx: ServerContext) -> Blueprint:
+    """``POST /api/reload`` and ``GET``/``PUT /api/users/{name}/limits`` for *ctx*."""
     bp = Blueprint("policy", __name__)
 
     @bp.post("/api/reload")

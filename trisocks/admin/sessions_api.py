@@ -45,6 +45,8 @@ async def _kill(ctx: ServerContext, session: Session) -> None:
 
 
 def sessions_blueprint(ctx: ServerContext, hub: EventHub) -> Blueprint:
+    """``/api/sessions`` (list, inspect, kill; fleet-wide when in a fleet) and
+    ``/api/events`` (fed by *hub*)."""
     bp = Blueprint("sessions", __name__)
 
     async def lookup(session_id: str) -> Session:

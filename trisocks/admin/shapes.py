@@ -23,6 +23,7 @@ def iso_time(timestamp: float | None) -> str | None:
 
 
 def session_json(session: Session) -> dict[str, Any]:
+    """The session shape of the API (issue 4): ids, addresses, state and live counters."""
     c = session.counters
     return {
         "id": session.id,

@@ -32,6 +32,7 @@ CONTENT_TYPES = {
 
 
 def static_blueprint(root: Path) -> Blueprint:
+    """Serve the dashboard's files under *root* at ``/`` (module docstring: what is served)."""
     bp = Blueprint("dashboard", __name__)
 
     @bp.get("/", defaults={"name": "index.html"})

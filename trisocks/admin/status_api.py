@@ -47,6 +47,7 @@ def _stats(ctx: ServerContext) -> dict[str, Any]:
 
 
 def status_blueprint(ctx: ServerContext) -> Blueprint:
+    """``/healthz``, ``/api/stats``, ``/metrics`` and ``/api/openapi.json`` for *ctx*."""
     bp = Blueprint("status", __name__)
     registry = metrics_registry(ctx)
 

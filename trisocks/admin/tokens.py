@@ -24,6 +24,7 @@ TOKEN_ENV = "TRISOCKS_ADMIN_TOKEN"
 
 
 def token_path(db: Path) -> Path:
+    """Where the server keeps its generated token: ``admin-token`` next to the SQLite *db*."""
     return db.parent / "admin-token"
 
 

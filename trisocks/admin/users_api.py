@@ -38,6 +38,7 @@ def _password(body: dict[str, Any]) -> bytes:
 
 
 def users_blueprint(ctx: ServerContext) -> Blueprint:
+    """``/api/users``: accounting and user management on ``ctx.store`` (module docstring)."""
     bp = Blueprint("users", __name__)
 
     def usage(name: str | None = None) -> list[dict[str, Any]]:

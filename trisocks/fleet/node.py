@@ -43,6 +43,7 @@ PUBLISH_GAP = 0.2
 
 
 def fleet_enabled(config: Config) -> bool:
+    """Whether this server takes part in a fleet (see the module docstring)."""
     return config.workers > 1 or is_db_url(config.db)
 
 
