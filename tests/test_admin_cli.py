@@ -96,6 +96,14 @@ async def test_errors_exit_2_with_a_message(admin_proxy: Proxy) -> None:
     assert "cannot reach the admin API at http://127.0.0.1:1" in down.stderr.decode()
 
 
+async def test_no_token_with_a_postgresql_db_says_where_to_give_one() -> None:
+    result = await trisocks("usage", "--db", "postgresql://proxy@db.example/trisocks")
+    assert result.returncode == 2
+    assert result.stderr.decode() == (
+        "trisocks: error: no admin token: pass --token or set TRISOCKS_ADMIN_TOKEN (servers on "
+        "PostgreSQL keep no token file)\n")
+
+
 async def test_malformed_url_is_one_line_and_status_2() -> None:
     bad = await trisocks("usage", "--url", "http://[::1", "--token", "x")
     assert bad.returncode == 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import datetime
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from trisocks.admin.client import URL_ENV, AdminClient, AdminError, find_token, format_table
@@ -78,7 +77,7 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
                    "default http://127.0.0.1:8080)")
     p.add_argument("--token", help=f"admin API token (env {TOKEN_ENV}; default: the "
                    "admin-token file next to --db)")
-    p.add_argument("--db", type=Path, default=default_db_path(),
+    p.add_argument("--db", default=default_db_path(),  # a str: Path() mangles a URL's //
                    help=f"the server's db, to find its admin-token file "
                    f"(default {default_db_path()})")
 

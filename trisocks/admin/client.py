@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from trisocks.admin.tokens import TOKEN_ENV, token_path
+from trisocks.config import is_db_url
 
 __all__ = ["URL_ENV", "AdminClient", "AdminError", "find_token", "format_table"]
 
@@ -26,13 +27,16 @@ class AdminError(Exception):
     """The API could not be reached or answered with an error; the message says which."""
 
 
-def find_token(flag: str | None, db: Path) -> str:
+def find_token(flag: str | None, db: Path | str) -> str:
     """The token from the flag, the environment, or the server's token file."""
     if flag:
         return flag
     if env := os.environ.get(TOKEN_ENV):
         return env
-    path = token_path(db)
+    if is_db_url(db):
+        raise AdminError(f"no admin token: pass --token or set {TOKEN_ENV} (servers on "
+                         "PostgreSQL keep no token file)")
+    path = token_path(Path(db))
     try:
         return path.read_text().strip()
     except OSError as exc:
