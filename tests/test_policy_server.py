@@ -147,8 +147,24 @@ async def test_connection_rate_per_ip(start_proxy: StartProxy, autojump_clock: A
             await stream.aclose()
 
 
-async def test_auth_failures_back_off_per_ip(start_proxy: StartProxy) -> None:
+async def test_loopback_clients_are_exempt_from_auth_backoff_by_default(
+    start_proxy: StartProxy,
+) -> None:
     proxy = await start_proxy(auth_failure_limit=1)
+    with trio.fail_after(10):
+        for _ in range(3):
+            stream = await proxy.open_raw()
+            await stream.send_all(b"\x05\x01\x02" + b"\x01\x05alice\x05wrong")
+            assert await receive_exactly(stream, 4) == b"\x05\x02\x01\x01"
+            await assert_closed(stream)
+        stream = await proxy.open_raw()
+        await socks_handshake(stream)  # the right password still works at once
+        await stream.aclose()
+    assert proxy.ctx.stats.limited["auth_backoff"] == 0
+
+
+async def test_auth_failures_back_off_per_ip(start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(auth_failure_limit=1, auth_backoff_exempt=())
     with trio.fail_after(10):
         stream = await proxy.open_raw()
         await stream.send_all(b"\x05\x01\x02" + b"\x01\x05alice\x05wrong")

@@ -82,6 +82,8 @@ SERVE_HELP: dict[str, tuple[str, str]] = {
     "auth_failure_limit": ("N", "failed logins in a row per client IP before it must wait "
                            "1 s, doubling per failure; 'off' to disable (default 5)"),
     "auth_backoff_max": ("SECONDS", "longest wait after failed logins (default 300)"),
+    "auth_backoff_exempt": ("CIDRS", "comma list of client networks never put in auth backoff "
+                            "(default 127.0.0.0/8,::1; '' for none)"),
     "max_session_duration": ("SECONDS", "end sessions after this long (default off)"),
     "workers": ("N", "processes sharing the listeners with SO_REUSEPORT, restarted if they "
                 "crash; the admin API runs in the first (default 1)"),

@@ -24,6 +24,9 @@ __all__ = [
 ]
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 class ConfigError(Exception):
     """A configuration value is wrong; the message names the key."""
 
@@ -150,6 +153,12 @@ class Config:
     """Failed logins in a row from one IP before it must wait (1 s, doubling per failure)."""
     auth_backoff_max: float = 300.0
     """The longest an IP waits after failed logins, and how long failures are remembered."""
+    auth_backoff_exempt: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    """Client networks never put in auth backoff: by default loopback, where one bad local
+    client would otherwise lock out every local user (and every test probe)."""
     max_session_duration: float | None = None
     """Seconds a session may last (a user's own limit in the store wins)."""
     workers: int = 1
@@ -302,6 +311,16 @@ def _groups(key: str, value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     )
 
 
+def _networks(key: str, value: Any) -> tuple[IPNetwork, ...]:
+    items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"{key}: expected a list of networks (CIDR), got {value!r}")
+    try:
+        return tuple(ipaddress.ip_network(str(item).strip(), strict=False) for item in items)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
 def _reassembly(key: str, value: Any) -> float:
     seconds = _positive(key, value)
     if seconds < 5:
@@ -341,6 +360,7 @@ KEYS: Mapping[str, Any] = {
     "connection_rate": _optional_positive,
     "auth_failure_limit": _limit,
     "auth_backoff_max": _positive,
+    "auth_backoff_exempt": _networks,
     "max_session_duration": _optional_positive,
     "workers": _count,
     "proxy_protocol": _bool,

@@ -123,7 +123,7 @@ class Guard:
             reason = "max_handshakes"
         elif self._connections is not None and not self._connections.allow(ip, now):
             reason = "connection_rate"
-        elif self._auth.threshold and self._auth.blocked(ip, now):
+        elif self._auth.threshold and self._auth.blocked(ip, now) and not self._exempt(ip):
             reason = "auth_backoff"
         else:
             return None
@@ -138,9 +138,14 @@ class Guard:
         finally:
             self.handshakes -= 1
 
+    def _exempt(self, ip: IP) -> bool:
+        return any(ip in network for network in self._ctx.config.auth_backoff_exempt)
+
     def auth_result(self, ip: IP, ok: bool) -> None:
         if ok:
             self._auth.succeeded(ip)
+        elif self._exempt(ip):
+            return
         elif self._auth.threshold and self._auth.failed(ip, trio.current_time()):
             log.info("%s: %d+ failed logins; backing off", ip, self._auth.threshold)
 
