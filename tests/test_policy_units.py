@@ -153,6 +153,14 @@ def test_auth_backoff_doubles_caps_and_forgets() -> None:
     assert backoff.blocked("ip", 100) == 0 and len(backoff) == 0
 
 
+def test_auth_backoff_survives_a_very_long_streak() -> None:
+    backoff = AuthBackoff(5, base=1, cap=1)
+    now = 0.0
+    for _ in range(5000):  # retrying as each block ends: the streak is never forgotten
+        now += backoff.blocked("ip", now)
+        assert backoff.failed("ip", now) <= 1  # was OverflowError (2.0**1024) at try 1029
+
+
 @pytest.mark.parametrize(
     ("field", "value", "error"),
     [

@@ -116,7 +116,9 @@ class AuthBackoff:
         _bound(self._entries, lambda e: now - e[2] > self.cap)
         failures += 1
         excess = failures - self.threshold
-        block = 0.0 if excess < 0 else min(self.cap, self.base * 2.0**excess)
+        # The exponent is bounded: 2.0**1024 raises OverflowError, and a client retrying at
+        # each block's end keeps its streak (about 17 minutes of tries with a 1 s cap).
+        block = 0.0 if excess < 0 else min(self.cap, self.base * 2.0 ** min(excess, 64))
         self._entries[key] = (failures, now + block, now)
         return block
 
