@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from trisocks.sessions import Counters, Session, SessionRegistry
-from trisocks.store import ANONYMOUS, UsageDelta, UserUsage
+from trisocks.store import ANONYMOUS, Store, UsageDelta, UserUsage
 
 if TYPE_CHECKING:
     from trisocks.fleet.backend import UserStore
@@ -43,6 +43,8 @@ class Accountant:
         self.store = store
         self.registry = registry
         self._pending: dict[str, _Pending] = {}
+        self._flushes = 0
+        """Flushes so far: a read of the store that a flush overlapped is taken again."""
         registry.add_listener(self._on_event)
 
     @staticmethod
@@ -72,6 +74,7 @@ class Accountant:
             if session.command is not None:
                 self._take(session)
         pending, self._pending = self._pending, {}
+        self._flushes += 1
         deltas = [
             (user, UsageDelta(p.sessions, p.bytes_up, p.bytes_down, p.datagrams_up,
                               p.datagrams_down, p.last_seen))
@@ -119,9 +122,33 @@ class Accountant:
                 total += c.bytes_up - f.bytes_up + c.bytes_down - f.bytes_down
         return total
 
-    def live_usage(self, name: str | None = None) -> list[dict[str, object]]:
-        """Persisted totals plus what is pending and what live sessions have moved."""
-        rows: dict[str, UserUsage] = {u.user: u for u in self.store.usage(name)}
+    async def read_all(self) -> tuple[list[UserUsage], list[str]]:
+        """Every user's persisted totals and every user name, read off the trio loop from
+        SQLite (the cached PostgreSQL store answers from memory). For :meth:`live_usage`'s
+        *persisted*: a flush that lands during the read would be counted in neither the
+        rows nor what is pending, so the read is taken again then."""
+        store = self.store
+        if not isinstance(store, Store):
+            return store.usage(), store.users()
+        while True:
+            flushes = self._flushes
+            result = await trio.to_thread.run_sync(store.read_all)
+            if flushes == self._flushes:
+                return result
+
+    def live_usage(
+        self, name: str | None = None, *, persisted: list[UserUsage] | None = None
+    ) -> list[dict[str, object]]:
+        """Persisted totals plus what is pending and what live sessions have moved.
+
+        Args:
+            name: one user's row only (an indexed lookup), or every user's.
+            persisted: the store's rows, read beforehand by :meth:`read_all` (for every user:
+                too slow for the trio loop); ``None`` reads them here.
+        """
+        if persisted is None:
+            persisted = self.store.usage(name)
+        rows: dict[str, UserUsage] = {u.user: u for u in persisted}
         extra: dict[str, Counters] = {}
         active: dict[str, int] = {}
         for session in self.registry:

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 if TYPE_CHECKING:
     from trisocks.server.context import ServerContext
+    from trisocks.store import UserUsage
 
 __all__ = ["OTHER_USERS", "ProxyCollector", "fold_users", "metrics_registry", "relayed_bytes"]
 
@@ -52,9 +53,13 @@ def fold_users(rows: list[dict[str, Any]], top: int) -> list[dict[str, Any]]:
 class ProxyCollector:
     """A prometheus_client collector over one server's state."""
 
-    def __init__(self, ctx: ServerContext, *, top_users: int = 20) -> None:
+    def __init__(self, ctx: ServerContext, *, top_users: int = 20,
+                 persisted: list[UserUsage] | None = None) -> None:
+        """*persisted*: the store's per-user rows, read off the loop for this scrape
+        (:meth:`trisocks.accounting.Accountant.read_all`); ``None`` reads them in ``collect``."""
         self._ctx = ctx
         self._top_users = top_users
+        self._persisted = persisted
 
     def collect(self) -> Iterator[Metric]:
         ctx, stats = self._ctx, self._ctx.stats
@@ -98,7 +103,8 @@ class ProxyCollector:
         yield from self._per_user()
 
     def _per_user(self) -> Iterator[Metric]:
-        rows = fold_users(self._ctx.accountant.live_usage(), self._top_users)
+        rows = fold_users(self._ctx.accountant.live_usage(persisted=self._persisted),
+                          self._top_users)
         active = GaugeMetricFamily("trisocks_user_active_sessions", "Live sessions per user.",
                                    labels=["user"])
         for row in rows:
@@ -114,8 +120,11 @@ class ProxyCollector:
             )
 
 
-def metrics_registry(ctx: ServerContext) -> CollectorRegistry:
-    """A registry of its own per server (the global one would mix servers in one process)."""
+def metrics_registry(
+    ctx: ServerContext, persisted: list[UserUsage] | None = None
+) -> CollectorRegistry:
+    """A registry of its own per server (the global one would mix servers in one process),
+    made for one scrape when *persisted* is given (see :class:`ProxyCollector`)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(ctx))
+    registry.register(ProxyCollector(ctx, persisted=persisted))
     return registry

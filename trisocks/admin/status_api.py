@@ -49,7 +49,6 @@ def _stats(ctx: ServerContext) -> dict[str, Any]:
 def status_blueprint(ctx: ServerContext) -> Blueprint:
     """``/healthz``, ``/api/stats``, ``/metrics`` and ``/api/openapi.json`` for *ctx*."""
     bp = Blueprint("status", __name__)
-    registry = metrics_registry(ctx)
 
     @bp.get("/healthz")
     async def healthz() -> ResponseReturnValue:
@@ -64,6 +63,8 @@ def status_blueprint(ctx: ServerContext) -> Blueprint:
 
     @bp.get("/metrics")
     async def metrics() -> Response:
+        persisted, _ = await ctx.accountant.read_all()  # every user: off the loop
+        registry = metrics_registry(ctx, persisted)
         return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
     @bp.get("/api/openapi.json")

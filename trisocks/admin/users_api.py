@@ -41,13 +41,9 @@ def users_blueprint(ctx: ServerContext) -> Blueprint:
     """``/api/users``: accounting and user management on ``ctx.store`` (module docstring)."""
     bp = Blueprint("users", __name__)
 
-    def usage(name: str | None = None) -> list[dict[str, Any]]:
+    def usage(name: str) -> list[dict[str, Any]]:
         # Usage of a removed user can linger until a flush lands; only existing accounts count.
-        # For one user, one indexed lookup rather than every name (this runs on the trio loop).
-        if name is None:
-            accounts = {*ctx.store.users(), ANONYMOUS}
-        else:
-            accounts = {name} if name == ANONYMOUS or ctx.store.has_user(name) else set()
+        accounts = {name} if name == ANONYMOUS or ctx.store.has_user(name) else set()
         return [usage_json(r) for r in ctx.accountant.live_usage(name) if r["user"] in accounts]
 
     def require_user(name: str) -> None:
@@ -56,7 +52,10 @@ def users_blueprint(ctx: ServerContext) -> Blueprint:
 
     @bp.get("/api/users")
     async def list_users() -> dict[str, Any]:
-        return {"users": usage()}
+        persisted, names = await ctx.accountant.read_all()  # every user: off the loop
+        accounts = {*names, ANONYMOUS}
+        rows = ctx.accountant.live_usage(persisted=persisted)
+        return {"users": [usage_json(r) for r in rows if r["user"] in accounts]}
 
     @bp.get("/api/users/<name>")
     async def get_user(name: str) -> dict[str, Any]:
