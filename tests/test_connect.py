@@ -464,3 +464,18 @@ async def test_a_failing_session_does_not_stop_the_server(
         stream, rep, _, _ = await request_reply(proxy, connect_request(*echo_server))
         assert rep == Reply.SUCCEEDED
         await stream.aclose()
+
+
+async def test_failure_reply_then_clean_close_despite_unread_payload(proxy: Proxy) -> None:
+    """Payload pipelined behind a request that gets a failure reply is read away before the
+    close, so the client sees the reply and then a FIN, not a TCP reset."""
+    with trio.fail_after(5):
+        stream = await proxy.open_raw()
+        await socks_handshake(stream)
+        await stream.send_all(
+            b"\x05\x09\x00\x01\x7f\x00\x00\x01\x00\x50" + b"x" * 100_000  # CMD 09 + payload
+        )
+        rep, _, _ = await read_reply(stream)
+        assert rep == Reply.COMMAND_NOT_SUPPORTED
+        assert await stream.receive_some(100) == b""  # EOF, not ConnectionResetError
+        await stream.aclose()

@@ -8,6 +8,7 @@ line; nothing escapes to the accept loop.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import trio
@@ -70,8 +71,26 @@ async def handle_client(stream: trio.SocketStream, ctx: ServerContext) -> None:
             if session.scope.cancel_called and session.close_reason is None:
                 expired = trio.current_time() >= session.scope.deadline
                 session.close_reason = "max session duration" if expired else "cancelled"
+            _discard_unread(stream.socket)
             stream.socket.close()
     _log_session(ctx, session, trio.current_time() - started)
+
+
+UNREAD_LIMIT = 256 * 1024
+
+
+def _discard_unread(sock: trio.socket.SocketType) -> None:
+    """Read away what the client sent and nobody read (say, payload pipelined behind a request
+    that got a failure reply), up to :data:`UNREAD_LIMIT`: closing a socket with unread input
+    makes the kernel send a reset, and a reset may reach the client before it has read our
+    last reply (Linux clients keep it; others may not). One non-blocking call when nothing is
+    pending (trio's sockets are non-blocking)."""
+    left = UNREAD_LIMIT
+    try:
+        while left > 0 and (chunk := os.read(sock.fileno(), min(left, 65536))):
+            left -= len(chunk)
+    except OSError:  # nothing pending (EAGAIN), or the connection is gone already
+        pass
 
 
 async def _proxied_peer(stream: trio.SocketStream, balancer: Any, ctx: ServerContext) -> Any:
