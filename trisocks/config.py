@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -171,6 +172,8 @@ class Config:
 def _positive(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{key}: expected a number of seconds, got {value!r}")
+    if not math.isfinite(value):  # TOML and float() take nan and inf; trio refuses a NaN deadline
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
     if value <= 0:
         raise ConfigError(f"{key}: must be greater than 0, got {value}")
     return float(value)
