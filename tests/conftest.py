@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -136,6 +137,33 @@ async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
     while chunk := await stream.receive_some(65536):
         data += chunk
     return bytes(data)
+
+
+def connect_request(host: str, port: int, cmd: int = 1) -> bytes:
+    """A request for *cmd* (CONNECT by default) to *host*: an IP literal or a domain name."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        name = host.encode()
+        return bytes([5, cmd, 0, 3, len(name)]) + name + port.to_bytes(2, "big")
+    atyp = b"\x01" if ip.version == 4 else b"\x04"
+    return bytes([5, cmd, 0]) + atyp + ip.packed + port.to_bytes(2, "big")
+
+
+async def open_connect(
+    proxy: Proxy | tuple[str, int],
+    target: tuple[str, int],
+    user: str | None = USER,
+    password: str = PASSWORD,
+) -> trio.SocketStream:
+    """A CONNECT through *proxy* to *target*, past its success reply."""
+    address = proxy.address if isinstance(proxy, Proxy) else proxy
+    stream = await trio.open_tcp_stream(*address)
+    await socks_handshake(stream, user, password)
+    await stream.send_all(connect_request(*target))
+    rep, _, _ = await read_reply(stream)
+    assert rep == 0, f"CONNECT answered REP {rep:#04x}"
+    return stream
 
 
 async def echo_round_trip(stream: trio.SocketStream, payload: bytes) -> bytes:

@@ -12,14 +12,13 @@ from typing import Any
 
 import trio
 
-from tests.conftest import USER, Proxy
+from tests.conftest import USER, Proxy, open_connect
 from tests.test_admin_support import (
     ADMIN,
     TOKEN,
     admin_proxy,
     admin_url,
     echo_round,
-    open_connect,
     wait_closed,
 )
 

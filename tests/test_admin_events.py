@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import USER, Proxy, make_config
+from tests.conftest import USER, Proxy, make_config, open_connect
 from tests.test_admin_support import (
     ADMIN,
     TOKEN,
@@ -24,7 +24,6 @@ from tests.test_admin_support import (
     api,
     echo_round,
     eventually,
-    open_connect,
     wait_closed,
 )
 from trisocks.admin.events import EventHub

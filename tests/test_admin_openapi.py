@@ -11,12 +11,11 @@ import jsonschema
 import trio
 from openapi_spec_validator import validate
 
-from tests.conftest import USER, Proxy
+from tests.conftest import USER, Proxy, open_connect
 from tests.test_admin_support import (
     admin_proxy,
     api,
     echo_round,
-    open_connect,
     session_of,
 )
 from trisocks.admin.app import create_app

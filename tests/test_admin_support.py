@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import PASSWORD, USER, Proxy, read_reply, receive_exactly, socks_handshake
+from tests.conftest import Proxy, receive_exactly
 from trisocks.config import Endpoint
 
 TOKEN = "test-token-0123456789"
@@ -72,19 +72,6 @@ async def api(admin_proxy: Proxy) -> AsyncIterator[httpx.AsyncClient]:
         base_url=admin_url(admin_proxy), headers={"Authorization": f"Bearer {TOKEN}"}
     ) as client:
         yield client
-
-
-async def open_connect(
-    proxy: Proxy, target: tuple[str, int], user: str | None = USER, password: str = PASSWORD
-) -> trio.SocketStream:
-    """A CONNECT through *proxy*, past its success reply."""
-    stream = await proxy.open_raw()
-    await socks_handshake(stream, user, password)
-    host, port = target
-    await stream.send_all(b"\x05\x01\x00\x01" + trio.socket.inet_aton(host) + port.to_bytes(2))
-    rep, _, _ = await read_reply(stream)
-    assert rep == 0
-    return stream
 
 
 async def auth_status(proxy: Proxy, user: str, password: str) -> int:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import trio
 
-from tests.conftest import USER, Proxy
-from tests.test_admin_support import TOKEN, echo_round, open_connect, wait_closed
+from tests.conftest import USER, Proxy, open_connect
+from tests.test_admin_support import TOKEN, echo_round, wait_closed
 from trisocks.admin.app import create_app
 from trisocks.admin.client import format_table
 from trisocks.admin.events import EventHub

@@ -18,6 +18,7 @@ from tests.conftest import (
     PASSWORD,
     USER,
     Proxy,
+    connect_request,
     echo_round_trip,
     eventually,
     read_reply,
@@ -26,16 +27,6 @@ from tests.conftest import (
     socks_handshake,
 )
 from trisocks.protocol import Reply
-
-
-def connect_request(host: str, port: int, cmd: int = 1) -> bytes:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        name = host.encode()
-        return bytes([5, cmd, 0, 3, len(name)]) + name + port.to_bytes(2, "big")
-    atyp = b"\x01" if ip.version == 4 else b"\x04"
-    return bytes([5, cmd, 0]) + atyp + ip.packed + port.to_bytes(2, "big")
 
 
 async def request_reply(proxy: Proxy, request: bytes) -> tuple[trio.SocketStream, int, bytes, int]:

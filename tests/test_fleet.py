@@ -21,7 +21,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import PASSWORD, USER, read_reply, socks_handshake
+from tests.conftest import PASSWORD, USER, open_connect
 from tests.fleet_support import (
     TOKEN,
     Trisocks,
@@ -79,16 +79,6 @@ async def open_admins(fleet: Fleet) -> AsyncIterator[list[httpx.AsyncClient]]:
         yield [await stack.enter_async_context(httpx.AsyncClient(
             base_url=t.admin_url, headers={"Authorization": f"Bearer {TOKEN}"}))
             for t in fleet.instances]
-
-
-async def open_connect(proxy: tuple[str, int], target: tuple[str, int]) -> trio.SocketStream:
-    stream = await trio.open_tcp_stream(*proxy)
-    await socks_handshake(stream)
-    await stream.send_all(b"\x05\x01\x00\x01" + trio.socket.inet_aton(target[0])
-                          + target[1].to_bytes(2, "big"))
-    rep, _, _ = await read_reply(stream)
-    assert rep == 0
-    return stream
 
 
 async def _listed(api: httpx.AsyncClient, clients: set[str]) -> list[dict[str, Any]] | None:

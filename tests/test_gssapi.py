@@ -25,9 +25,8 @@ import pytest
 import trio
 
 from tests import krb
-from tests.conftest import Proxy, read_reply, receive_all, receive_exactly
+from tests.conftest import Proxy, connect_request, read_reply, receive_all, receive_exactly
 from tests.test_admin_support import ADMIN, TOKEN, admin_url
-from tests.test_connect import connect_request
 from tests.test_udp import start_udp_echo
 from trisocks.client import (
     GSSAPI,

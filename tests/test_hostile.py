@@ -29,13 +29,13 @@ from tests.conftest import (
     PASSWORD,
     USER,
     _echo,
+    connect_request,
     eventually,
     make_config,
     read_reply,
     receive_exactly,
     socks_handshake,
 )
-from tests.test_connect import connect_request
 from tests.test_relay import no_free_fds
 from trisocks.server.context import ServerContext
 from trisocks.server.serve import serve

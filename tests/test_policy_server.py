@@ -16,12 +16,13 @@ import trio
 
 from tests.conftest import (
     USER,
+    connect_request,
     eventually,
     read_reply,
     receive_exactly,
     socks_handshake,
 )
-from tests.test_connect import assert_closed, connect_request, request_reply
+from tests.test_connect import assert_closed, request_reply
 from tests.test_udp import LOCALHOST4, associate, header, open_udp, start_udp_echo
 from trisocks.config import ConfigError, build_config, load_file
 from trisocks.passwords import hash_password

@@ -20,12 +20,10 @@ from tests.conftest import (
     Proxy,
     echo_round_trip,
     eventually,
-    read_reply,
+    open_connect,
     receive_all,
     receive_exactly,
-    socks_handshake,
 )
-from tests.test_connect import connect_request
 from trisocks.server.relay import SpliceEngine
 
 ENGINES = ["splice", "copy"]
@@ -37,14 +35,6 @@ async def engine_proxy(request: pytest.FixtureRequest, start_proxy: Any) -> Prox
     proxy: Proxy = await start_proxy(relay_engine=request.param)
     assert proxy.ctx.engine.name == request.param
     return proxy
-
-
-async def open_connect(proxy: Proxy, target: tuple[str, int]) -> trio.SocketStream:
-    stream = await proxy.open_raw()
-    await socks_handshake(stream)
-    await stream.send_all(connect_request(*target))
-    assert (await read_reply(stream))[0] == 0
-    return stream
 
 
 async def test_large_transfer_both_ways_by_hash(
