@@ -11,10 +11,10 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from types import TracebackType
 
 import attrs
 import trio
@@ -113,20 +113,20 @@ class SessionRegistry:
             pass
         return session_id
 
-    @contextlib.contextmanager
-    def track(self, client: str) -> Iterator[Session]:
-        """Register a session for the duration of the block and run the block in its scope."""
-        session = Session(self._new_id(), client, instance=self.instance)
+    def track(self, client: str) -> _Tracked:
+        """Register a session for the duration of a ``with`` block and run the block in its
+        scope: ``with registry.track(client) as session: ...``."""
+        return _Tracked(self, Session(self._new_id(), client, instance=self.instance))
+
+    def _enter(self, session: Session) -> None:
         self._sessions[session.id] = session
         self.total += 1
         self.notify("start", session)
-        try:
-            with session.scope:
-                yield session
-        finally:
-            del self._sessions[session.id]
-            session.state = "closing"
-            self.notify("end", session)
+
+    def _leave(self, session: Session) -> None:
+        del self._sessions[session.id]
+        session.state = "closing"
+        self.notify("end", session)
 
     def kill(self, session_id: str, reason: str = "killed") -> bool:
         session = self._sessions.get(session_id)
@@ -139,3 +139,35 @@ class SessionRegistry:
         self, predicate: Callable[[Session], bool] = lambda s: True
     ) -> list[Session]:
         return [s for s in self._sessions.values() if predicate(s)]
+
+
+class _Tracked:
+    """The context manager :meth:`SessionRegistry.track` returns. A plain class (not a
+    generator) because every live session holds one: it is the smallest way to pair the
+    registry entry with the session's cancel scope."""
+
+    __slots__ = ("_registry", "_session")
+
+    def __init__(self, registry: SessionRegistry, session: Session) -> None:
+        self._registry = registry
+        self._session = session
+
+    def __enter__(self) -> Session:
+        self._registry._enter(self._session)
+        try:
+            self._session.scope.__enter__()
+        except BaseException:
+            self._registry._leave(self._session)
+            raise
+        return self._session
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        try:
+            return self._session.scope.__exit__(exc_type, exc, tb)
+        finally:
+            self._registry._leave(self._session)
