@@ -21,7 +21,7 @@ and take microseconds; only context establishment may block (see ``mech``).
 from __future__ import annotations
 
 import errno
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -37,6 +37,7 @@ from trisocks.protocol.gssapi import (
     parse_datagram,
     parse_frame,
 )
+from trisocks.server.relay import Throttle
 from trisocks.sessions import Counters
 
 __all__ = ["FrameChannel", "GssFailure", "GssStream", "Protection", "relay_gss", "send_abort"]
@@ -206,8 +207,6 @@ class GssStream(trio.abc.HalfCloseableStream):
             raise GssProtocolError(str(exc)) from None
 
 
-Throttle = Callable[[int], Awaitable[None]]
-"""As in :mod:`trisocks.server.relay`: awaited with each chunk's size (rate limits)."""
 
 
 async def relay_gss(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import attrs
@@ -31,6 +31,7 @@ from trisocks.policy.quotas import UserLimits, quota_exceeded, usage
 from trisocks.policy.rules import IP, Decision, Query, RuleSet
 from trisocks.protocol import AddressType, Request
 from trisocks.server.common import ip_of
+from trisocks.server.relay import Throttle
 from trisocks.sessions import Session
 
 if TYPE_CHECKING:
@@ -41,8 +42,6 @@ __all__ = ["Guard", "Throttle"]
 
 log = logging.getLogger("trisocks.policy")
 
-Throttle = Callable[[int], Awaitable[None]]
-"""Awaited by the relay after each chunk it moved (only when a rate applies)."""
 WATCH_INTERVAL = 0.5
 """Seconds between quota checks of live sessions."""
 BURST_SECONDS = 0.25
