@@ -99,7 +99,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"trisocks: error: {message}\n")
 
 
-def _fail(message: str) -> NoReturn:
+def fail(message: str) -> NoReturn:
+    """Print one error line naming the problem and exit with status 2 (every CLI command)."""
     print(f"trisocks: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -142,7 +143,7 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 value = int(value) if key in _INTEGER else float(value)
             except ValueError:
-                _fail(f"--{key.replace('_', '-')}: {value!r} is not a number")
+                fail(f"--{key.replace('_', '-')}: {value!r} is not a number")
         values[key] = value
     return values
 
@@ -161,14 +162,14 @@ def load_config(args: argparse.Namespace) -> Config:
     try:
         return read_config(args)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _open_store(db: Path | str, *, serving: bool = False) -> UserStore:
     try:
         return open_store(db, create_dir=db == default_db_path(), serving=serving)
     except StoreError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _db_arg(text: str) -> Path | str:
@@ -194,7 +195,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, ExceptionGroup) as exc:
         if (error := _os_error(exc)) is None:
             raise
-        _fail(_startup_error(error))
+        fail(_startup_error(error))
     finally:
         store.close()
     return 0
@@ -255,12 +256,12 @@ def _read_password(args: argparse.Namespace) -> bytes:
             password = getpass.getpass("Password: ")
             again = getpass.getpass("Again: ")
         except EOFError:  # no terminal, and stdin ended
-            _fail("no password read: input ended (to pipe one in, use --password-stdin)")
+            fail("no password read: input ended (to pipe one in, use --password-stdin)")
         if again != password:
-            _fail("the two passwords differ")
+            fail("the two passwords differ")
     raw = password.encode()
     if not 1 <= len(raw) <= 255:
-        _fail(f"password must be 1..255 bytes (RFC 1929), got {len(raw)}")
+        fail(f"password must be 1..255 bytes (RFC 1929), got {len(raw)}")
     return raw
 
 
@@ -285,7 +286,7 @@ def _cmd_user(args: argparse.Namespace) -> int:
             for name in store.users():
                 print(name)
     except StoreError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         store.close()
     return 0
@@ -300,11 +301,11 @@ def _limit_value(field: str, text: str) -> int | float | None:
         else:
             value = int(text) if field == "max_sessions" else parse_size(text)
     except ValueError:
-        _fail(f"--{field.replace('_', '-')}: {text!r} is not a number or size")
+        fail(f"--{field.replace('_', '-')}: {text!r} is not a number or size")
     try:
         check_limit(field, value)
     except ValueError as exc:
-        _fail(f"--{field.replace('_', '-')}: {exc} (or 'off')")
+        fail(f"--{field.replace('_', '-')}: {exc} (or 'off')")
     return value
 
 

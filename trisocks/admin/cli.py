@@ -13,7 +13,7 @@ from typing import Any
 
 from trisocks.admin.client import URL_ENV, AdminClient, AdminError, find_token, format_table
 from trisocks.admin.tokens import TOKEN_ENV
-from trisocks.cli import _fail
+from trisocks.cli import fail
 from trisocks.config import default_db_path
 
 __all__ = ["add_admin_commands"]
@@ -66,7 +66,7 @@ def _run(
             with AdminClient(args.url, find_token(args.token, args.db)) as client:
                 command(client, args)
         except AdminError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         return 0
 
     return run
