@@ -218,7 +218,8 @@ async def test_flood_of_garbage_and_slowloris_beside_good_sessions(
         await assert_back_to(proxy.ctx, baseline)
     failures = proxy.ctx.stats.handshake_failures
     print(f"flood: peak {peak} live sessions, {elapsed:.2f}s, failures {dict(failures)}")
-    assert failures["timeout"] >= 300
+    # One address: past max_handshakes_per_client the oldest stalled ones make room.
+    assert failures["timeout"] + failures["evicted"] >= 300
 
 
 async def test_soak_of_connect_kill_cycles(
@@ -255,7 +256,7 @@ async def test_soak_of_connect_kill_cycles(
 
 async def test_memory_of_many_half_open_handshakes(start_proxy: StartProxy) -> None:
     count = 1000
-    proxy = await start_proxy(handshake_timeout=30.0)
+    proxy = await start_proxy(handshake_timeout=30.0, max_handshakes_per_client=None)
     baseline = await settle(proxy.ctx)
     tracemalloc.start()
     try:

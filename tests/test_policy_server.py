@@ -127,15 +127,18 @@ async def test_udp_datagrams_are_judged_one_by_one(
     assert proxy.ctx.stats.denied["test-deny"] == 1
 
 
-async def test_max_handshakes_closes_extra_connections(start_proxy: StartProxy) -> None:
+async def test_max_handshakes_evicts_the_oldest_unfinished_one(start_proxy: StartProxy) -> None:
     proxy = await start_proxy(max_handshakes=2)
     with trio.fail_after(5):
         held = [await proxy.open_raw() for _ in range(2)]
         await eventually(lambda: proxy.ctx.guard.handshakes == 2)
-        await assert_closed(await proxy.open_raw())
-        for stream in held:
-            await stream.aclose()
+        newcomer = await proxy.open_raw()
+        await assert_closed(held[0])  # the oldest made room
+        await socks_handshake(newcomer)  # the newcomer is served
+        await newcomer.aclose()
+        await held[1].aclose()
     assert proxy.ctx.stats.limited["max_handshakes"] == 1
+    assert proxy.ctx.stats.handshake_failures["evicted"] == 1
 
 
 async def test_connection_rate_per_ip(start_proxy: StartProxy, autojump_clock: Any) -> None:

@@ -95,9 +95,10 @@ def test_a_name_rule_decides_without_resolving() -> None:
 def test_admin_rule_covers_only_the_admin_port_and_loopback_for_wildcards() -> None:
     rules = RuleSet(parse_rules(DEFAULT_RULES), default_allow=True, admin=("0.0.0.0", 8080))
     assert rules.decide(q(ip=ip("127.0.0.5"), port=8080)).rule_id == "admin-endpoint"
-    assert rules.decide(q(ip=ip("127.0.0.5"), port=8081)).rule_id == "default"
+    local = ip("127.0.0.1")  # a client on this host: proxy-host does not apply to it
+    assert rules.decide(q(client=local, ip=ip("127.0.0.5"), port=8081)).rule_id == "default"
     no_admin = RuleSet(parse_rules(DEFAULT_RULES), default_allow=True, admin=None)
-    assert no_admin.decide(q(ip=ip("127.0.0.1"), port=8080)).rule_id == "default"
+    assert no_admin.decide(q(client=local, ip=ip("127.0.0.1"), port=8080)).rule_id == "default"
 
 
 def test_udp_association_is_judged_per_datagram() -> None:

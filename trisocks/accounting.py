@@ -124,7 +124,7 @@ class Accountant:
 
     async def read_all(self) -> tuple[list[UserUsage], list[str]]:
         """Every user's persisted totals and every user name, read off the trio loop from
-        SQLite (the cached PostgreSQL store answers from memory). For :meth:`live_usage`'s
+        SQLite (the server's cached store answers from memory). For :meth:`live_usage`'s
         *persisted*: a flush that lands during the read would be counted in neither the
         rows nor what is pending, so the read is taken again then."""
         store = self.store

@@ -6,6 +6,9 @@ hash it matched: the next login with the same password costs one dictionary look
 constant-time compare, and changing the password in the store (from any process) makes the
 digest stale at once because the stored hash differs.
 
+A name is looked up as sent, then in its normalized form (:mod:`trisocks.usernames`: RFC 8265
+UsernameCaseMapped), and the session's user is the stored name it matched.
+
 Only successes take the shortcut. A wrong password always costs a full scrypt check, as an
 unknown user does: otherwise a quick "no" would tell an attacker that the name exists and
 logged in recently, and let it guess that user's password at no cost to the server.
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from trisocks.passwords import DUMMY_HASH, verify_password
+from trisocks.usernames import login_form
 
 if TYPE_CHECKING:
     from trisocks.fleet.backend import UserStore
@@ -47,6 +51,9 @@ class Authenticator:
         except UnicodeDecodeError:
             name = None
         stored = self._store.password_hash(name) if name is not None else None
+        if name is not None and stored is None and (normal := login_form(name)) is not None:
+            stored = self._store.password_hash(normal)  # "Alice" logs in as user "alice"
+            name = normal
         if name is not None and stored is not None:
             cached = self._verified.get(name)
             if (cached is not None and cached[0] == stored

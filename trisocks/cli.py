@@ -1,4 +1,5 @@
-"""``trisocks``: serve, manage users, and talk to a running server's admin API.
+"""``trisocks``: serve, check a configuration, manage users, and talk to a running server's
+admin API.
 
 Bad input never gets a traceback: the message names the problem and the exit status is 2.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -21,16 +23,19 @@ from trisocks.config import (
     Config,
     ConfigError,
     build_config,
+    config_problems,
+    config_warnings,
     default_db_path,
     is_db_url,
     load_file,
 )
 from trisocks.fleet.backend import UserStore, open_store
 from trisocks.fleet.workers import supervise, worker_config, worker_index
-from trisocks.logs import setup_logging
+from trisocks.logs import escape_unprintable, setup_logging
 from trisocks.passwords import hash_password
 from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, check_limit, parse_size
-from trisocks.store import StoreError
+from trisocks.store import Store, StoreError
+from trisocks.usernames import normalize_username, resolve_username
 
 __all__ = ["main"]
 
@@ -55,8 +60,11 @@ SERVE_HELP: dict[str, tuple[str, str]] = {
     "external_address": ("ADDR", "address announced in BIND/UDP replies (behind NAT)"),
     "relay_engine": ("ENGINE", "auto, splice or copy (default auto: splice on Linux)"),
     "admin": ("HOST:PORT", "admin API and dashboard, or 'off' (default 127.0.0.1:8080)"),
-    "admin_token": ("TOKEN", "admin API bearer token (env TRISOCKS_ADMIN_TOKEN; generated and "
-                    "stored next to the db when unset)"),
+    "admin_token": ("TOKEN", "admin API bearer token; on the command line every local user "
+                    "can read it in the process list: prefer admin_token_file or env "
+                    "TRISOCKS_ADMIN_TOKEN (generated and stored next to the db when none is set)"),
+    "admin_token_file": ("FILE", "file holding the admin API bearer token, one line; "
+                         "keep it mode 600 (a warning says when group or others can read it)"),
     "metrics_public": ("", "serve /metrics without the token"),
     "log_format": ("FORMAT", "text or json (default text)"),
     "log_level": ("LEVEL", "debug, info, warning or error (default info)"),
@@ -71,12 +79,22 @@ SERVE_HELP: dict[str, tuple[str, str]] = {
                   "or 1,2 (default 1,2)"),
     "rules": ("FILE", "access rules: a TOML file of [[rules]] tables (in the config file, "
               "[[rules]] may also be written inline); default: allow all but the admin "
-              "endpoint and link-local addresses"),
+              "endpoint, the proxy host itself to clients elsewhere, and link-local addresses"),
     "rules_default": ("ACTION", "allow or deny what no rule matches (default allow)"),
     "groups": ("GROUPS", "user groups for rules, as NAME=USER,USER;NAME=USER (in the file: "
                "a [groups] table)"),
     "max_sessions_per_user": ("N", "sessions at once per user; more get REP 02 (default off)"),
-    "max_handshakes": ("N", "handshakes in flight; more connections are closed (default 1000)"),
+    "max_handshakes": ("N", "handshakes in flight; over it the oldest unfinished one is closed "
+                       "(default 1000)"),
+    "max_handshakes_per_client": ("N", "handshakes in flight per client IP (IPv6: per /64); "
+                                  "over it that client's oldest unfinished one is closed; "
+                                  "'off' for none (default 64)"),
+    "max_binds_per_user": ("N", "BIND listeners at once per user (no auth: per client IP or "
+                           "IPv6 /64); more get REP 02; 'off' for none (default 16)"),
+    "max_udp_per_user": ("N", "UDP associations at once per user (no auth: per client IP or "
+                         "IPv6 /64); more get REP 02; 'off' for none (default 16)"),
+    "udp_sockets": ("N", "UDP sockets server-wide, 2 per association; over it UDP ASSOCIATE "
+                    "gets REP 01 (default 2000)"),
     "connection_rate": ("PER_SECOND", "new connections per second per client IP, bursts "
                         "of twice that; more are closed (default off)"),
     "auth_failure_limit": ("N", "failed logins in a row per client IP before it must wait "
@@ -113,6 +131,25 @@ def _add_serve(sub: Any) -> None:
         "with --config (same name with underscores: --idle-timeout is idle_timeout); "
         "options on the command line win over the file.",
     )
+    _add_config_flags(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _add_check(sub: Any) -> None:
+    p = sub.add_parser(
+        "check",
+        help="check a configuration without serving",
+        description="Check what 'trisocks serve' with the same options would run with: every "
+        "key, the access rules, the admin token file, and the database (opened read-only, "
+        "never migrated or created). Nothing is bound. Prints one line and exits 0 when all "
+        "is well; else one line per problem and exit status 2.",
+    )
+    _add_config_flags(p)
+    p.set_defaults(func=_cmd_check)
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """--config and a flag for every config key (``serve`` and ``check``)."""
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
     for key, (metavar, text) in SERVE_HELP.items():
         flag = "--" + key.replace("_", "-")
@@ -124,11 +161,11 @@ def _add_serve(sub: Any) -> None:
             p.add_argument(flag, dest=key, metavar=metavar, help=text)
     p.add_argument("--no-admin", dest="admin", action="store_const", const="off",
                    help="do not start the admin API")
-    p.set_defaults(func=_cmd_serve)
 
 
 _INTEGER = {"max_sessions", "max_sessions_per_user", "max_handshakes", "auth_failure_limit",
-            "workers"}
+            "workers", "max_handshakes_per_client", "max_binds_per_user", "max_udp_per_user",
+            "udp_sockets"}
 _NUMERIC = _INTEGER | {
     key for key in KEYS
     if key.endswith(("_timeout", "_grace", "_interval", "_rate", "_max", "_duration"))
@@ -176,8 +213,23 @@ def _db_arg(text: str) -> Path | str:
     return text if is_db_url(text) else Path(text)
 
 
+def _warn(message: str) -> None:
+    print(f"trisocks: warning: {message}", file=sys.stderr)
+
+
+def _config_warnings(args: argparse.Namespace, config: Config) -> list[str]:
+    warnings = config_warnings(config)
+    if getattr(args, "admin_token", None) is not None:
+        warnings.append("--admin-token: a token on the command line is visible to every local "
+                        "user in the process list; use admin_token_file or $TRISOCKS_ADMIN_TOKEN")
+    return warnings
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args)
+    if worker_index() is None:  # once, not again from every worker
+        for warning in _config_warnings(args, config):
+            _warn(warning)
     setup_logging(config.log_format, config.log_level)
     if config.workers > 1 and worker_index() is None:
         _open_store(config.db).close()  # fail here, once; and migrate before workers race
@@ -199,6 +251,91 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """``trisocks check``: the config, the rules and the db, all problems at once."""
+    _log_as_cli_lines()  # what opening the store warns about (file modes)
+    try:
+        file_values = load_file(args.config) if args.config else {}
+    except ConfigError as exc:
+        fail(str(exc))
+    config, problems = config_problems(file_values, _flag_values(args))
+    if config is not None:
+        problems += _db_problems(config.db)
+        for warning in _config_warnings(args, config):
+            _warn(warning)
+    if problems:
+        for problem in problems:
+            print(f"trisocks: error: {problem}", file=sys.stderr)
+        return 2
+    assert config is not None
+    listeners, rules = len(config.listen), len(config.rules)
+    print(f"configuration OK: {listeners} listener{'s' * (listeners != 1)}, "
+          f"{rules} rule{'s' * (rules != 1)}, db {_db_label(config.db)}")
+    return 0
+
+
+class _CliFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"trisocks: {record.levelname.lower()}: {escape_unprintable(record.getMessage())}"
+
+
+def _log_as_cli_lines() -> None:
+    """Warnings logged while checking, as ``trisocks: warning: ...`` lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CliFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
+def _db_label(db: Path | str) -> str:
+    if not is_db_url(db):
+        return str(db)
+    from trisocks.fleet.postgres import _safe  # the URL without its password
+
+    return str(_safe(str(db)))
+
+
+def _db_problems(db: Path | str) -> list[str]:
+    """The db opened read-only, as ``serve`` would find it; nothing written or created. An
+    SQLite file that does not exist yet is no problem where ``serve`` can create it."""
+    if is_db_url(db):
+        return _postgres_problems(str(db))
+    path = Path(db)
+    if not path.exists():
+        if path.parent.is_dir() or db == default_db_path():
+            return []  # serve creates it (and, for the default path, its directory)
+        return [f"db: database directory {path.parent} does not exist"]
+    try:
+        Store(path, read_only=True).close()
+    except StoreError as exc:
+        return [f"db: {exc}"]
+    return []
+
+
+def _postgres_problems(url: str) -> list[str]:
+    try:
+        import psycopg
+    except ImportError:
+        return ["db: a postgresql:// db needs the optional extra: pip install "
+                "'trisocks[postgresql]'"]
+    from trisocks.fleet.postgres import MIGRATIONS
+
+    try:
+        with psycopg.connect(url, connect_timeout=10,
+                             options="-c default_transaction_read_only=on") as conn:
+            exists = conn.execute("SELECT to_regclass('schema_migrations')").fetchone()
+            rows = conn.execute("SELECT version FROM schema_migrations WHERE component = "
+                                "'store'").fetchall() if exists and exists[0] else []
+    except psycopg.Error as exc:
+        message = " ".join(str(exc).split())  # one line
+        return [f"db: cannot open {_db_label(url)}: {message}"]
+    if rows and rows[0][0] > len(MIGRATIONS):
+        return [f"db: the database's store schema is version {rows[0][0]}; this trisocks "
+                f"knows up to {len(MIGRATIONS)}: upgrade trisocks"]
+    return []  # an empty database, or one serve migrates on start
 
 
 def _startup_error(error: OSError) -> str:
@@ -266,12 +403,21 @@ def _read_password(args: argparse.Namespace) -> bytes:
 
 
 def _cmd_user(args: argparse.Namespace) -> int:
+    given = getattr(args, "name", None)
+    if args.user_command == "add":
+        try:  # RFC 8265 + one script (trisocks.usernames); refused before any prompt
+            args.name = normalize_username(args.name)
+        except ValueError as exc:
+            fail(str(exc))
     store = _open_store(args.db)
     try:
+        if args.user_command not in ("add", "list"):  # "Alice" is the stored "alice"
+            args.name = resolve_username(args.name, store.has_user)
         if args.user_command == "add":
             password = _read_password(args)
             store.add_user(args.name, hash_password(password))
-            print(f"added user {args.name}")
+            normalized = f" (normalized from {given!r})" if given != args.name else ""
+            print(f"added user {args.name}{normalized}")
         elif args.user_command == "passwd":
             if not store.has_user(args.name):
                 raise StoreError(f"no user {args.name!r}")
@@ -359,8 +505,10 @@ def _add_user(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trisocks", description="SOCKS5 proxy on trio")
+    parser.add_argument("--version", action="version", version=f"trisocks {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_serve(sub)
+    _add_check(sub)
     _add_user(sub)
     try:
         from trisocks.admin.cli import add_admin_commands
@@ -369,6 +517,18 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_admin_commands(sub)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version; the package's own when run from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from trisocks import __version__
+
+    try:
+        return version("trisocks")
+    except PackageNotFoundError:
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

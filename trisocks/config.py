@@ -21,7 +21,8 @@ import attrs
 from trisocks.policy.rules import DEFAULT_RULES, Rule, RuleError, groups_used, parse_rules
 
 __all__ = [
-    "KEYS", "Config", "ConfigError", "Endpoint", "build_config", "default_db_path", "is_db_url",
+    "KEYS", "Config", "ConfigError", "Endpoint", "build_config", "config_problems",
+    "config_warnings", "default_db_path", "is_db_url", "read_token_file",
 ]
 
 
@@ -121,7 +122,11 @@ class Config:
     admin: Endpoint | None = Endpoint("127.0.0.1", 8080)
     """Admin API and dashboard; ``None`` (``--no-admin``) turns it off."""
     admin_token: str | None = None
-    """Bearer token for the admin API; generated and stored next to the db when unset."""
+    """Bearer token for the admin API; generated and stored next to the db when unset. With
+    :attr:`admin_token_file`, the token read from that file."""
+    admin_token_file: Path | None = None
+    """A file holding the admin token (one line), read when the config is built: the way to
+    keep the secret out of the command line and the config file."""
     metrics_public: bool = False
     """Serve ``/metrics`` without the token."""
     log_format: str = "text"
@@ -139,7 +144,8 @@ class Config:
     """GSSAPI protection levels accepted (RFC 1961 §4): 1 integrity, 2 confidentiality."""
     rules: tuple[Rule, ...] = parse_rules(DEFAULT_RULES)
     """Access rules, first match wins (:mod:`trisocks.policy.rules`); TOML ``[[rules]]`` or a
-    file of them. The shipped ones deny the admin endpoint and link-local addresses."""
+    file of them. The shipped ones deny the admin endpoint, the proxy host itself (``@local``)
+    to clients not on it, and link-local addresses."""
     rules_default: str = "allow"
     """What a request no rule matches gets: ``allow`` or ``deny``."""
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -147,7 +153,20 @@ class Config:
     max_sessions_per_user: int | None = None
     """Sessions at once per user (a user's own limit in the store wins); more get REP 02."""
     max_handshakes: int = 1000
-    """Connections still in their handshake at once; more are closed at accept."""
+    """Connections still in their handshake at once; over it, the oldest unfinished one is
+    closed to make room."""
+    max_handshakes_per_client: int | None = 64
+    """Handshakes in flight per client IP (IPv6: per /64); over it, that client's oldest
+    unfinished one is closed to make room."""
+    max_binds_per_user: int | None = 16
+    """BIND listeners at once per user (unauthenticated: per client IP or IPv6 /64); more
+    get REP 02."""
+    max_udp_per_user: int | None = 16
+    """UDP associations at once per user (unauthenticated: per client IP or IPv6 /64); more
+    get REP 02."""
+    udp_sockets: int = 2000
+    """UDP sockets server-wide; each association reserves 2 (client side, outbound); over
+    it, UDP ASSOCIATE gets REP 01."""
     connection_rate: float | None = None
     """New connections per second per client IP (bursts up to twice that); more are closed."""
     auth_failure_limit: int | None = 5
@@ -347,6 +366,7 @@ KEYS: Mapping[str, Any] = {
     "relay_engine": _choice(RELAY_ENGINES),
     "admin": _admin,
     "admin_token": _text,
+    "admin_token_file": _path,
     "metrics_public": _bool,
     "log_format": _choice(LOG_FORMATS),
     "log_level": _choice(LOG_LEVELS),
@@ -360,6 +380,10 @@ KEYS: Mapping[str, Any] = {
     "groups": _groups,
     "max_sessions_per_user": _limit,
     "max_handshakes": _count,
+    "max_handshakes_per_client": _limit,
+    "max_binds_per_user": _limit,
+    "max_udp_per_user": _limit,
+    "udp_sockets": _count,
     "connection_rate": _optional_positive,
     "auth_failure_limit": _limit,
     "auth_backoff_max": _positive,
@@ -393,7 +417,75 @@ def build_config(file_values: Mapping[str, Any], flag_values: Mapping[str, Any])
     values = {key: KEYS[key](key, raw) for key, raw in merged.items()}
     config = Config(**values)
     _check(config)
+    if config.admin_token_file is not None:
+        if config.admin_token is not None:
+            raise ConfigError("admin_token_file: give admin_token or admin_token_file, not both")
+        config = attrs.evolve(config, admin_token=read_token_file(config.admin_token_file))
     return config
+
+
+def config_problems(
+    file_values: Mapping[str, Any], flag_values: Mapping[str, Any]
+) -> tuple[Config | None, list[str]]:
+    """Like :func:`build_config`, but every key's problem at once (``trisocks check``): the
+    config (``None`` if any problem) and one message per problem. The checks across keys run
+    once every key is valid on its own."""
+    merged = dict(file_values)
+    merged.update({k: v for k, v in flag_values.items() if v is not None})
+    problems, values = [], {}
+    for key, raw in merged.items():
+        try:
+            values[key] = KEYS[key](key, raw)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if values.get("admin_token_file") is not None:
+        try:
+            read_token_file(values["admin_token_file"])
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        return None, problems
+    try:
+        return build_config(file_values, flag_values), []
+    except ConfigError as exc:
+        return None, [str(exc)]
+
+
+def read_token_file(path: Path, key: str = "admin_token_file") -> str:
+    """The token in *path*: its one line, without surrounding whitespace.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, empty, or holds more than one line.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{key}: cannot read {path}: {reason}") from None
+    token = text.strip()
+    if not token:
+        raise ConfigError(f"{key}: file {path} is empty")
+    if len(token.splitlines()) > 1:
+        raise ConfigError(f"{key}: {path} has more than one line; the token alone goes in it")
+    return token
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is allowed but unsafe in *config* (printed by ``serve`` and ``check``)."""
+    warnings = []
+    if config.admin_token_file is not None:
+        try:
+            mode = config.admin_token_file.stat().st_mode
+        except OSError:  # read a moment ago; gone now: serve will say so
+            mode = 0
+        readers = " and ".join(who for bit, who in ((0o040, "group"), (0o004, "others"))
+                               if mode & bit)
+        if readers:
+            warnings.append(f"admin_token_file: {config.admin_token_file} is readable by "
+                            f"{readers} (mode {mode & 0o777:04o}); chmod 600 it")
+    return warnings
 
 
 def _check(config: Config) -> None:

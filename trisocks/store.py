@@ -1,27 +1,41 @@
 """The embedded store: users and per-user accounting in one SQLite file.
 
-Schema changes are numbered migrations applied at open. The file runs in WAL mode so the CLI
-can add users while a server is running. Calls are short, indexed single-row statements; the
-one slow operation, password hashing, happens outside (see :mod:`trisocks.passwords`).
+Schema changes are numbered migrations applied at open; a database with a newer or unknown
+schema is refused with one line (:func:`schema_error`), read-only opens included. The file
+runs in WAL mode so the CLI can add users while a server is running. Calls are short, indexed
+single-row statements; the one slow operation, password hashing, happens outside (see
+:mod:`trisocks.passwords`). The server never calls them on the trio loop: a write can wait up
+to ``busy_timeout`` for another process's lock (:mod:`trisocks.fleet.cache`).
+
+Files: a data directory the store creates is 0700, a database file it creates 0600 whatever
+the umask (SQLite gives ``-wal`` and ``-shm`` the database's mode); an existing database that
+its group or others may read is opened with a warning naming it (:func:`warn_if_readable`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
+import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, period_starts
 
-__all__ = ["ANONYMOUS", "Store", "StoreError", "UsageDelta", "UserUsage", "validate_username"]
+__all__ = ["ANONYMOUS", "Store", "StoreError", "UsageDelta", "UserUsage", "rename_legacy_names",
+           "schema_error", "validate_username", "warn_if_readable"]
+
+log = logging.getLogger("trisocks.store")
 
 ANONYMOUS = "(anonymous)"
 """The name sessions without authentication are accounted under; no user can take it."""
 
-_MIGRATIONS = (
+_MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     """
     CREATE TABLE users (
         name TEXT PRIMARY KEY,
@@ -58,9 +72,74 @@ _MIGRATIONS = (
         quota_month INTEGER
     );
     """,
+    # 3: user names in their normalized form (trisocks.usernames), where that is possible.
+    lambda db: rename_legacy_names(lambda sql, params=(): db.execute(sql, params).fetchall()),
 )
 _PER_USER_TABLES = ("usage", "usage_daily", "user_limits")
 """Rows keyed by user name: a removed (or re-added) user starts from nothing."""
+
+_Execute = Callable[..., list[tuple[Any, ...]]]
+
+
+def rename_legacy_names(execute: _Execute) -> None:
+    """Migration: rename users stored by an older trisocks to their normalized names
+    (:func:`trisocks.usernames.normalize_username`), with their accounting and limits. A name
+    that cannot be normalized, or whose normalized form another user has, is kept as it is
+    (it still logs in when typed exactly) and named in a warning. For both backends: *execute*
+    runs one statement (``?`` placeholders) in the migration's transaction."""
+    from trisocks.usernames import normalize_username
+
+    names = [row[0] for row in execute("SELECT name FROM users")]
+    taken = set(names)
+    for name in sorted(names):
+        try:
+            normal = normalize_username(name)
+        except ValueError as exc:
+            log.warning("user %r kept as it is (log in with exactly that name): %s", name, exc)
+            continue
+        if normal == name:
+            continue
+        if normal in taken:
+            log.warning("user %r kept as it is: its normalized name %r is another user's",
+                        name, normal)
+            continue
+        execute("UPDATE users SET name = ? WHERE name = ?", (normal, name))
+        for table in _PER_USER_TABLES:
+            execute(f'DELETE FROM {table} WHERE "user" = ?', (normal,))
+            execute(f'UPDATE {table} SET "user" = ? WHERE "user" = ?', (normal, name))
+        taken.add(normal)
+        log.warning("user %r renamed to %r (normalized, RFC 8265)", name, normal)
+
+
+def schema_error(where: str, version: int, known: int) -> StoreError:
+    """The one line for a database this trisocks cannot use (a newer or unknown schema)."""
+    return StoreError(f"database {where} has schema version {version}, this trisocks knows up "
+                      f"to {known}: upgrade trisocks, or use another database")
+
+
+def warn_if_readable(path: Path) -> None:
+    """Log a warning naming *path* when its group or others may read it (password hashes,
+    the admin token)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s is readable by %s (mode %04o); it holds secrets: chmod 600 %s",
+                    path, "others" if mode & stat.S_IRWXO else "its group",
+                    stat.S_IMODE(mode), path)
+
+
+def _create_private(path: Path) -> None:
+    """Create *path* empty with mode 0600 whatever the umask, unless it exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 class StoreError(Exception):
@@ -78,6 +157,8 @@ def validate_username(name: str) -> str:
         raise StoreError("user name must not contain control characters")
     if name == ANONYMOUS:
         raise StoreError(f"{ANONYMOUS} is reserved for unauthenticated sessions")
+    if name.startswith("("):  # (anonymous), (other) in metrics: the server's own rows
+        raise StoreError("user names starting with '(' are reserved, like (anonymous)")
     return name
 
 
@@ -106,27 +187,96 @@ class UserUsage:
     last_seen: float | None
 
 
-class Store:
-    """A handle on the SQLite file. Not thread-safe: use it from one thread (the trio loop)."""
+@attrs.define
+class Snapshot:
+    """Everything the server reads per session, loaded in one go for the cache
+    (:class:`trisocks.fleet.cache.CachedStore`), from either backend."""
 
-    def __init__(self, path: Path | str, *, create_dir: bool = False) -> None:
+    passwords: dict[str, str]
+    limits: dict[str, UserLimits]
+    usage: dict[str, UserUsage]
+    daily: dict[str, dict[str, int]]
+    """``user -> day -> bytes`` (both directions) for the days from the snapshot's start on."""
+
+
+class Store:
+    """A handle on the SQLite file. Not thread-safe: use it from one thread at a time (the
+    CLI; the server reaches it only through :class:`trisocks.fleet.cache.CachedStore`, from
+    worker threads, so a lock held by another process never stalls the trio loop)."""
+
+    TRANSIENT_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)
+    """Errors a later try may not get (the write lock is held elsewhere: ``database is
+    locked``); a write that fails with one stays queued in the cache."""
+    REFRESH_INTERVAL = 0.5
+    """Seconds between the cache's checks for other processes' writes (:meth:`changed`)."""
+
+    def __init__(
+        self, path: Path | str, *, create_dir: bool = False, read_only: bool = False
+    ) -> None:
+        """Open (creating it if need be) and migrate *path*. With *read_only* (``trisocks
+        check``), open an existing file without ever writing to it: SQLite's ``mode=ro``, and
+        migrations are left to the server."""
         path = Path(path)
         if not path.parent.is_dir():
-            if not create_dir:
+            if not create_dir or read_only:
                 raise StoreError(f"database directory {path.parent} does not exist")
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.parent.chmod(0o700)  # mkdir's mode is masked by the umask
         self.path = path
+        self.read_only = read_only
+        warn_if_readable(path)
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            if not read_only:
+                _create_private(path)  # SQLite gives -wal and -shm the database's mode
+        except OSError as exc:
+            raise StoreError(f"cannot create database {path}: {exc.strerror}") from None
+        try:
+            if read_only:
+                uri = f"{path.absolute().as_uri()}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                           check_same_thread=False)
+            else:
+                self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=2000")
             self._migrate()
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {path}: {exc}") from None
+        except BaseException as exc:
+            opened = getattr(self, "_db", None)
+            if opened is not None:
+                opened.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot open database {path}: {exc}") from None
+            raise
 
     def close(self) -> None:
         self._db.close()
+
+    def snapshot(self, since_day: str) -> Snapshot:
+        """Users, limits and totals, and per-day bytes from *since_day* on, in one
+        consistent read (WAL: never waits for a writer)."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
+            passwords = dict(db.execute("SELECT name, password_hash FROM users").fetchall())
+            limits = {row[0]: UserLimits(*row[1:]) for row in db.execute(
+                f"SELECT user, {', '.join(LIMIT_FIELDS)} FROM user_limits")}
+            usage = {u.user: u for u in self.usage()}
+            daily: dict[str, dict[str, int]] = {}
+            for user, day, total in db.execute(
+                "SELECT user, day, bytes_up + bytes_down FROM usage_daily WHERE day >= ?",
+                (since_day,),
+            ):
+                daily.setdefault(user, {})[day] = int(total)
+        finally:
+            db.execute("COMMIT")
+        return Snapshot(passwords, limits, usage, daily)
+
+    def changed(self) -> bool:
+        """Whether another connection committed since the last :meth:`snapshot`."""
+        (version,) = self._db.execute("PRAGMA data_version").fetchone()
+        return bool(version != getattr(self, "_data_version", None))
 
     def read_all(self) -> tuple[list[UserUsage], list[str]]:
         """Every user's totals and every user name, on a connection of its own.
@@ -142,10 +292,27 @@ class Store:
             reader.close()
 
     def _migrate(self) -> None:
+        """Apply the migrations not applied yet. A newer schema, or one that is not ours
+        (tables of another program, a negative version), is refused with one line
+        (:func:`schema_error`), read-only or not."""
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+        if version > len(_MIGRATIONS) or version < 0:
+            raise schema_error(str(self.path), version, len(_MIGRATIONS))
+        if version == 0:
+            foreign = [name for (name,) in self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'fleet_%' "
+                "AND name NOT IN ('schema_migrations') AND name NOT LIKE 'sqlite_%'")]
+            if foreign:
+                raise StoreError(f"database {self.path} has schema version 0 but tables "
+                                 f"({', '.join(sorted(foreign)[:5])}): not a trisocks database")
+        pending = () if self.read_only else _MIGRATIONS[version:]
+        for number, script in enumerate(pending, start=version + 1):
             with self._transaction():
-                self._db.executescript(f"BEGIN; {script}")
+                if callable(script):
+                    self._db.execute("BEGIN IMMEDIATE")
+                    script(self._db)
+                else:
+                    self._db.executescript(f"BEGIN; {script}")
                 self._db.execute(f"PRAGMA user_version = {number}")
 
     def _transaction(self) -> _Transaction:

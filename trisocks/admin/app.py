@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from quart import request
+from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, Unauthorized
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, Unauthorized
 
 import admin_ui
-from trisocks.admin.errors import json_error
+from trisocks.admin.errors import json_error, store_errors, unavailable, unexpected_error
 from trisocks.admin.events import EventHub
 from trisocks.admin.policy_api import policy_blueprint
 from trisocks.admin.sessions_api import sessions_blueprint
@@ -26,6 +26,16 @@ __all__ = ["create_app"]
 
 MAX_BODY = 64 * 1024
 """Request bodies are small JSON objects; refuse anything bigger early (413)."""
+
+SECURITY_HEADERS = {
+    # A header rather than a <meta> tag: frame-ancestors only works in a header.
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+"""Sent with every admin response, errors and the event stream included."""
 
 
 def create_app(
@@ -44,6 +54,16 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
 
     @app.before_request
+    async def read_body() -> None:
+        # Receive the whole body (at most MAX_BODY, else 413) before anything can answer: a
+        # 401, 404 or 405 sent while the body is still arriving can leave Hypercorn's
+        # keep-alive connection stuck, and the client's next request unanswered.
+        try:
+            await request.get_data(cache=True)
+        except RequestEntityTooLarge:
+            raise RequestEntityTooLarge(f"the request body is over {MAX_BODY} bytes") from None
+
+    @app.before_request
     async def require_token() -> None:
         path = request.path
         protected = path.startswith("/api/") or (
@@ -52,7 +72,15 @@ def create_app(
         if protected and not check_bearer(request.headers.get("Authorization"), token):
             raise Unauthorized("missing or wrong bearer token")
 
+    @app.after_request
+    async def security_headers(response: Response) -> Response:
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
     app.register_error_handler(HTTPException, json_error)
+    for error_type in (*store_errors(ctx.store), OSError):
+        app.register_error_handler(error_type, unavailable)
+    app.register_error_handler(Exception, unexpected_error)  # the last resort: no HTML page
     app.register_blueprint(sessions_blueprint(ctx, hub))
     app.register_blueprint(users_blueprint(ctx))
     app.register_blueprint(policy_blueprint(ctx))

@@ -37,7 +37,7 @@ def _network(text: str) -> Network:
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) <= 65535:
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and 0 < int(text) <= 65535):
         raise FilterError(f"target_port: {text!r} is not a port number 1..65535")
     return int(text)
 
@@ -69,6 +69,10 @@ class SessionFilter:
             raise FilterError(
                 f"unknown filter {unknown[0]!r}; known: {', '.join(_PARSERS)}"
             )
+        getlist = getattr(args, "getlist", None)  # a MultiDict keeps repeated parameters
+        repeated = sorted(key for key in args if getlist and len(getlist(key)) > 1)
+        if repeated:
+            raise FilterError(f"{repeated[0]}: given more than once")
         return cls(**{key: _PARSERS[key](value) for key, value in args.items()})
 
     @property

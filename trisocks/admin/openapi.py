@@ -35,8 +35,13 @@ def _error(description: str) -> dict[str, Any]:
 
 def _operation(summary: str, ok: dict[str, Any], *errors: str, **extra: Any) -> dict[str, Any]:
     """One operation; *errors* are status codes answered with the error shape."""
-    text = {"400": "Bad input", "401": "Missing or wrong bearer token",
-            "404": "No such session or user", "409": "The user already exists"}
+    text = {"400": "Bad input: a malformed body or parameter (the message says what)",
+            "401": "Missing or wrong bearer token",
+            "404": "No such session or user", "409": "The user already exists",
+            "413": "The request body is over 64 KiB",
+            "415": "The request body is not JSON in UTF-8",
+            "503": "The store (or, in a fleet, the shared database) is unavailable; the message "
+                   "names the cause, as in `store unavailable: database is locked`"}
     responses = {**ok, **{code: _error(text[code]) for code in ("401", *errors)}}
     return {"summary": summary, "responses": responses, **extra}
 
@@ -147,7 +152,9 @@ OPENAPI: dict[str, Any] = {
         "title": "trisocks admin API",
         "version": "1",
         "description": "Live sessions, kills, per-user accounting and user management of one "
-        "trisocks server. Every /api route needs `Authorization: Bearer <token>`.",
+        "trisocks server. Every /api route needs `Authorization: Bearer <token>`. Errors are "
+        "`{\"error\": \"...\"}`: 4xx for bad input, 503 (naming the cause) when the store "
+        "fails.",
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -157,15 +164,15 @@ OPENAPI: dict[str, Any] = {
     "paths": {
         "/api/sessions": {
             "get": _operation("Live sessions", {"200": _json("Sessions", _ref("SessionList"))},
-                              "400", parameters=_FILTERS),
+                              "400", "503", parameters=_FILTERS),
             "delete": _operation("Kill the sessions matching the filters (at least one)",
-                                 _KILLED, "400", parameters=_FILTERS),
+                                 _KILLED, "400", "503", parameters=_FILTERS),
         },
         "/api/sessions/{session_id}": {
             "get": _operation("One live session", {"200": _json("Session", _ref("Session"))},
-                              "404", parameters=[_SESSION_ID]),
+                              "404", "503", parameters=[_SESSION_ID]),
             "delete": _operation("Kill one session: its connections close at once",
-                                 _NO_CONTENT, "404", parameters=[_SESSION_ID]),
+                                 _NO_CONTENT, "404", "503", parameters=[_SESSION_ID]),
         },
         "/api/events": {
             "get": _operation("Session events (SSE)", {"200": {
@@ -175,35 +182,36 @@ OPENAPI: dict[str, Any] = {
         },
         "/api/users": {
             "get": _operation("Every user's usage (persisted plus live)",
-                              {"200": _json("Users", _ref("UserList"))}),
+                              {"200": _json("Users", _ref("UserList"))}, "503"),
             "post": _operation(
-                "Add a user", {"201": _json("The new user", _ref("User"))}, "400", "409",
+                "Add a user", {"201": _json("The new user", _ref("User"))}, "400", "409", "413",
+                "415", "503",
                 requestBody={"required": True, "content": {
                     "application/json": {"schema": _ref("NewUser")}}},
             ),
         },
         "/api/users/{name}": {
             "get": _operation("One user's usage, limits and quota use",
-                              {"200": _json("User", _ref("UserDetail"))}, "404",
+                              {"200": _json("User", _ref("UserDetail"))}, "404", "503",
                               parameters=[_USER_NAME]),
             "delete": _operation("Remove a user and end its sessions", _NO_CONTENT, "404",
-                                 parameters=[_USER_NAME]),
+                                 "503", parameters=[_USER_NAME]),
         },
         "/api/users/{name}/password": {
             "put": _operation(
                 "Change a user's password and end its sessions", _NO_CONTENT, "400", "404",
-                parameters=[_USER_NAME],
+                "413", "415", "503", parameters=[_USER_NAME],
                 requestBody={"required": True, "content": {
                     "application/json": {"schema": _ref("NewPassword")}}},
             ),
         },
         "/api/users/{name}/limits": {
             "get": _operation("A user's limits and quota use",
-                              {"200": _json("Limits", _ref("UserPolicy"))}, "404",
+                              {"200": _json("Limits", _ref("UserPolicy"))}, "404", "503",
                               parameters=[_USER_NAME]),
             "put": _operation(
                 "Change some of a user's limits (null clears one); applies within a second",
-                {"200": _json("Limits", _ref("UserPolicy"))}, "400", "404",
+                {"200": _json("Limits", _ref("UserPolicy"))}, "400", "404", "413", "415", "503",
                 parameters=[_USER_NAME],
                 requestBody={"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "properties": _SCHEMAS["Limits"]["properties"],
@@ -213,11 +221,11 @@ OPENAPI: dict[str, Any] = {
         "/api/reload": {
             "post": _operation(
                 "Re-read config, rules and users; end the sessions they no longer allow",
-                {"200": _json("Reloaded", _ref("Reloaded"))}, "400",
+                {"200": _json("Reloaded", _ref("Reloaded"))}, "400", "503",
             ),
         },
         "/api/users/{name}/sessions": {
-            "delete": _operation("Kill every session of a user", _KILLED, "404",
+            "delete": _operation("Kill every session of a user", _KILLED, "404", "503",
                                  parameters=[_USER_NAME]),
         },
         "/api/stats": {
@@ -230,7 +238,7 @@ OPENAPI: dict[str, Any] = {
             "get": _operation(
                 "Prometheus metrics (public when the server runs with metrics_public)",
                 {"200": {"description": "Prometheus text format",
-                         "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                         "content": {"text/plain": {"schema": {"type": "string"}}}}}, "503",
                 security=[{"bearer": []}, {}],
             ),
         },

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from quart import Blueprint
 from werkzeug.exceptions import BadRequest, NotFound
 
-from trisocks.admin.errors import json_body
+from trisocks.admin.bodies import json_body
 from trisocks.config import ConfigError
 from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, check_limit, usage
 from trisocks.server.reload import reload_config
@@ -65,7 +65,7 @@ def policy_blueprint(ctx: ServerContext) -> Blueprint:
     async def set_limits(name: str) -> dict[str, Any]:
         if not ctx.store.has_user(name):
             raise NotFound(f"no user {name!r}")
-        limits = _limits(await json_body(), ctx.store.user_limits(name))
+        limits = _limits(await json_body(LIMIT_FIELDS), ctx.store.user_limits(name))
         try:
             ctx.store.set_user_limits(name, limits)
         except StoreError as exc:  # removed meanwhile by another process

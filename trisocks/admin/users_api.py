@@ -14,12 +14,13 @@ from quart import Blueprint
 from quart.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest, Conflict, NotFound
 
-from trisocks.admin.errors import json_body
+from trisocks.admin.bodies import json_body
 from trisocks.admin.policy_api import policy_json
 from trisocks.admin.revocation import kill_user_sessions, revoke
 from trisocks.admin.shapes import usage_json
 from trisocks.passwords import hash_password
-from trisocks.store import ANONYMOUS, StoreError, validate_username
+from trisocks.store import ANONYMOUS, StoreError
+from trisocks.usernames import normalize_username
 
 if TYPE_CHECKING:
     from trisocks.server.context import ServerContext
@@ -66,13 +67,13 @@ def users_blueprint(ctx: ServerContext) -> Blueprint:
 
     @bp.post("/api/users")
     async def add_user() -> ResponseReturnValue:
-        body = await json_body()
+        body = await json_body(("user", "password"))
         name = body.get("user")
         if not isinstance(name, str):
             raise BadRequest("user: expected a string")
         try:
-            validate_username(name)
-        except StoreError as exc:
+            name = normalize_username(name)
+        except ValueError as exc:
             raise BadRequest(f"user: {exc}") from None
         password_hash = await trio.to_thread.run_sync(hash_password, _password(body))
         try:
@@ -93,7 +94,8 @@ def users_blueprint(ctx: ServerContext) -> Blueprint:
     @bp.put("/api/users/<name>/password")
     async def set_password(name: str) -> ResponseReturnValue:
         require_user(name)
-        password_hash = await trio.to_thread.run_sync(hash_password, _password(await json_body()))
+        password = _password(await json_body(("password",)))
+        password_hash = await trio.to_thread.run_sync(hash_password, password)
         try:
             ctx.store.set_password(name, password_hash)
         except StoreError as exc:  # removed by another process while hashing

@@ -1,9 +1,11 @@
-"""The server's view of the PostgreSQL store: reads from memory, writes behind.
+"""The server's view of the store: reads from memory, writes behind.
 
 Sessions read the store from the trio loop through synchronous calls (the password hash at
-authentication, limits and quota usage at each request, totals for the admin API) that the
-SQLite store answers in microseconds. A network round trip there would stall every session of
-the process, so with PostgreSQL the server answers them from a :class:`Snapshot` instead.
+authentication, limits and quota usage at each request, totals for the admin API). A network
+round trip to PostgreSQL there would stall every session of the process, and so would an
+SQLite write waiting for another process's write lock (up to ``busy_timeout``), so the server
+answers them from a :class:`~trisocks.store.Snapshot` of either backend instead, and writes
+from worker threads.
 
 Invariants:
 
@@ -15,7 +17,10 @@ Invariants:
    earlier: :class:`StoreError`) is logged and dropped; one that fails for the connection stays
    queued, in order, for the next sync.
 4. Other instances' writes arrive with their NOTIFY (:meth:`CachedStore.refresh_soon`), or at
-   the latest after ``refresh_interval``.
+   the latest after ``refresh_interval``. With SQLite, other processes' writes (``trisocks
+   user ...``, other workers' accounting) are seen by ``PRAGMA data_version``, checked every
+   ``Store.REFRESH_INTERVAL`` (0.5 s) from a worker thread; the snapshot is reloaded only
+   when it changed.
 """
 
 from __future__ import annotations
@@ -23,29 +28,34 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, TypeAlias
 
 import attrs
-import psycopg
-import psycopg_pool
 import trio
 
-from trisocks.fleet.postgres import PostgresStore, Snapshot
 from trisocks.policy.quotas import UserLimits, period_starts
-from trisocks.store import StoreError, UsageDelta, UserUsage, validate_username
+from trisocks.store import Snapshot, Store, StoreError, UsageDelta, UserUsage, validate_username
+
+if TYPE_CHECKING:
+    from trisocks.fleet.postgres import PostgresStore
+
+Backend: TypeAlias = "PostgresStore | Store"
 
 __all__ = ["CachedStore"]
 
 log = logging.getLogger("trisocks.fleet")
 
-REFRESH_INTERVAL = 5.0
-"""Seconds between reloads when no notification asked for one."""
+REFRESH_INTERVAL: float | None = None
+"""Seconds between reloads when no notification asked for one: ``None`` for the backend's
+(``REFRESH_INTERVAL`` of :class:`~trisocks.store.Store`, of
+:class:`~trisocks.fleet.postgres.PostgresStore`)."""
 
 
 @attrs.frozen
 class _Write:
     what: str
     local: Callable[[Snapshot], None]
-    remote: Callable[[PostgresStore], None]
+    remote: Callable[[Backend], None]
 
 
 def _month_start() -> str:
@@ -53,24 +63,30 @@ def _month_start() -> str:
 
 
 class CachedStore:
-    """A :class:`~trisocks.fleet.postgres.PostgresStore` behind a snapshot (module docstring).
+    """A :class:`~trisocks.fleet.postgres.PostgresStore` or :class:`~trisocks.store.Store`
+    behind a snapshot (module docstring).
 
     Its reads and writes are those of :class:`trisocks.store.Store`; :meth:`run` must run in
     the server's trio loop for writes to leave and others' writes to arrive.
     """
 
-    def __init__(self, backend: PostgresStore) -> None:
+    def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self._transient = backend.TRANSIENT_ERRORS
         self._snapshot = backend.snapshot(_month_start())
         self._queue: list[_Write] = []
         self._wanted = trio.Event()
+        self._limiter = trio.CapacityLimiter(1)
+        self._syncing = trio.Lock()
+        """One thread at a time on the backend (an SQLite connection is not thread-safe)."""
+        self._kind = "SQLite" if isinstance(backend, Store) else "PostgreSQL"
 
     def close(self) -> None:
         """Send what is still queued (blocking: the trio loop has ended), then disconnect."""
         sent = self._send(self._queue)
         if sent < len(self._queue):
-            log.error("%d store writes could not be sent to PostgreSQL and are lost",
-                      len(self._queue) - sent)
+            log.error("%d store writes could not be sent to %s and are lost",
+                      len(self._queue) - sent, self._kind)
         self.backend.close()
 
     # --- reads -----------------------------------------------------------------------------
@@ -151,7 +167,7 @@ class CachedStore:
             raise StoreError(f"no user {name!r}")
 
     def _queue_write(self, what: str, local: Callable[[Snapshot], None],
-                     remote: Callable[[PostgresStore], None]) -> None:
+                     remote: Callable[[Backend], None]) -> None:
         local(self._snapshot)
         self._queue.append(_Write(what, local, remote))
         self.refresh_soon()
@@ -162,24 +178,33 @@ class CachedStore:
         """Sync now (a local write is queued, or another instance announced one)."""
         self._wanted.set()
 
-    async def run(self, refresh_interval: float = REFRESH_INTERVAL) -> None:
+    async def run(self, refresh_interval: float | None = REFRESH_INTERVAL) -> None:
         """Sync whenever asked to, and every *refresh_interval* seconds, until cancelled."""
+        interval = refresh_interval or self.backend.REFRESH_INTERVAL
         while True:
-            with trio.move_on_after(refresh_interval):
+            with trio.move_on_after(interval):
                 await self._wanted.wait()
             self._wanted = trio.Event()
             try:
                 await self.sync()
-            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-                log.warning("PostgreSQL store: reload failed (%s); serving the last snapshot",
-                            exc)
+            except self._transient as exc:
+                log.warning("store: reload failed (%s); serving the last snapshot", exc)
 
     async def sync(self) -> None:
-        """Send the queued writes, then reload the snapshot (invariant 2)."""
+        """Send the queued writes, then reload the snapshot (invariant 2) if the store may
+        have changed since the last one. One sync at a time: two would send a write twice."""
+        async with self._syncing:
+            await self._sync()
+
+    async def _sync(self) -> None:
         queued = list(self._queue)
-        sent = await trio.to_thread.run_sync(self._send, queued)
+        sent = await trio.to_thread.run_sync(self._send, queued, limiter=self._limiter)
         del self._queue[:sent]
-        snapshot = await trio.to_thread.run_sync(self.backend.snapshot, _month_start())
+        if not sent and not await trio.to_thread.run_sync(self.backend.changed,
+                                                          limiter=self._limiter):
+            return
+        snapshot = await trio.to_thread.run_sync(self.backend.snapshot, _month_start(),
+                                                 limiter=self._limiter)
         for write in self._queue:
             write.local(snapshot)
         self._snapshot = snapshot
@@ -190,9 +215,10 @@ class CachedStore:
             try:
                 write.remote(self.backend)
             except StoreError as exc:  # invariant 3: refused on its merits, never retried
-                log.warning("PostgreSQL store: %s refused: %s", write.what, exc)
-            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-                log.warning("PostgreSQL store: %s not sent yet (%s); will retry", write.what, exc)
+                log.warning("%s store: %s refused: %s", self._kind, write.what, exc)
+            except self._transient as exc:
+                log.warning("%s store: %s not sent yet (%s); will retry", self._kind,
+                            write.what, exc)
                 return done
         return len(writes)
 

@@ -6,7 +6,8 @@ Fleet mode is on with a PostgreSQL ``db`` (instances on any machines) or with ``
 - republishes its live sessions and heartbeat to the directory (:mod:`trisocks.fleet.directory`)
   soon after any session starts or changes, and at least every :data:`HEARTBEAT` seconds;
 - listens on its kill channel (:mod:`trisocks.fleet.channel`) and kills what is addressed to it;
-- with PostgreSQL, keeps the cached store in sync (:mod:`trisocks.fleet.cache`).
+- with PostgreSQL, hears other instances' store changes (NOTIFY) for the cached store
+  (:mod:`trisocks.fleet.cache`, which :func:`trisocks.server.serve.serve` keeps in sync).
 
 The admin API of any instance lists the fleet's sessions (its own live, the others' from the
 directory, up to one publish old) and kills any of them through :meth:`FleetNode.kill`.
@@ -64,7 +65,10 @@ class FleetNode:
         from trisocks.fleet.cache import CachedStore
 
         store = ctx.store
-        if isinstance(store, CachedStore):
+        if isinstance(store, CachedStore) and is_db_url(ctx.config.db):
+            from trisocks.fleet.postgres import PostgresStore
+
+            assert isinstance(store.backend, PostgresStore)
             db = store.backend.db
             channel: Channel = PostgresChannel(store.backend.url, store.backend.notify,
                                                store.refresh_soon)
@@ -81,13 +85,9 @@ class FleetNode:
         """Take part until cancelled; ``started`` once kills are heard and this instance is
         in the directory. On the way out the instance leaves the directory.
         """
-        from trisocks.fleet.cache import CachedStore
-
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.channel.run, self._on_kill)
-                if isinstance(self.ctx.store, CachedStore):
-                    nursery.start_soon(self.ctx.store.run)
                 await self._publish()
                 log.info("fleet: instance %s joined", self.instance.id)
                 task_status.started()

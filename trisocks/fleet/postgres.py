@@ -17,13 +17,20 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import attrs
 import psycopg
 import psycopg_pool
 
 from trisocks.fleet.sql import Cursor, PostgresDatabase, migrate
 from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, period_starts
-from trisocks.store import StoreError, UsageDelta, UserUsage, validate_username
+from trisocks.store import (
+    Snapshot,
+    StoreError,
+    UsageDelta,
+    UserUsage,
+    rename_legacy_names,
+    schema_error,
+    validate_username,
+)
 
 __all__ = ["STORE_CHANNEL", "PostgresStore", "Snapshot"]
 
@@ -68,6 +75,8 @@ MIGRATIONS = (
         quota_month BIGINT
     )
     """,
+    # 3: user names in their normalized form (trisocks.usernames), where that is possible.
+    lambda cur: rename_legacy_names(cur.execute),
 )
 """Step N here is step N of the SQLite store's migrations."""
 
@@ -75,33 +84,51 @@ _PER_USER_TABLES = ("usage", "usage_daily", "user_limits")
 _USAGE_COLUMNS = "sessions_total, bytes_up, bytes_down, datagrams_up, datagrams_down, last_seen"
 
 
-@attrs.define
-class Snapshot:
-    """Everything the server reads per session, loaded in one go for the cache."""
-
-    passwords: dict[str, str]
-    limits: dict[str, UserLimits]
-    usage: dict[str, UserUsage]
-    daily: dict[str, dict[str, int]]
-    """``user -> day -> bytes`` (both directions) for the days from the snapshot's start on."""
-
-
 class PostgresStore:
-    """A pool of connections to one PostgreSQL database; the schema is migrated on open."""
+    """A pool of connections to one PostgreSQL database; the schema is migrated on open
+    (with *read_only*, for ``trisocks check``: only checked, and every transaction is
+    read-only)."""
 
-    def __init__(self, url: str) -> None:
+    TRANSIENT_ERRORS: tuple[type[Exception], ...] = (psycopg.Error, psycopg_pool.PoolTimeout)
+    """Errors of the connection, not of the write: the cache keeps such a write queued."""
+    REFRESH_INTERVAL = 5.0
+    """Seconds between the cache's reloads when no notification asked for one."""
+
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if read_only:
+            kwargs["options"] = "-c default_transaction_read_only=on"
         pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=4, kwargs={"autocommit": True}, open=False,
-            name="trisocks",
+            url, min_size=1, max_size=4, kwargs=kwargs, open=False, name="trisocks",
         )
         self.url = url
         self.db = PostgresDatabase(pool)
         try:
             pool.open(wait=True, timeout=CONNECT_TIMEOUT)
-            migrate(self.db, "store", MIGRATIONS)
+            if read_only:
+                self._check_schema()
+            else:
+                migrate(self.db, "store", MIGRATIONS, where=_safe(url))
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             pool.close()
             raise StoreError(f"cannot open database {_safe(url)}: {exc}") from None
+        except BaseException:
+            pool.close()
+            raise
+
+    def _check_schema(self) -> None:
+        """Read-only open: refuse a newer schema as :func:`migrate` would, apply nothing."""
+        with self.db.transaction() as cur:
+            exists = cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")[0][0]
+            rows = cur.execute("SELECT version FROM schema_migrations WHERE component = ?",
+                               ("store",)) if exists else []
+        version = rows[0][0] if rows else 0
+        if version > len(MIGRATIONS):
+            raise schema_error(_safe(self.url), version, len(MIGRATIONS))
+
+    def changed(self) -> bool:
+        """Always reload: other instances' writes are announced by NOTIFY, not counted."""
+        return True
 
     def close(self) -> None:
         self.db.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -117,12 +117,16 @@ class PostgresDatabase:
         self.pool.close()
 
 
-def migrate(db: Database, component: str, steps: Sequence[str]) -> int:
+Step = str | Callable[[Cursor], None]
+
+
+def migrate(db: Database, component: str, steps: Sequence[Step], *, where: str = "") -> int:
     """Apply the *steps* of *component* not applied yet; return the schema version.
 
     Steps are append-only: step N, once released, never changes (a database that has it
     would not get the change). Statements are separated by ``;``, which no step may use
-    elsewhere.
+    elsewhere. A step may also be a function, run with the migration's cursor (data
+    changes DDL cannot express). *where* names the database in messages.
 
     Raises:
         StoreError: the database has a newer schema than this program knows.
@@ -134,9 +138,13 @@ def migrate(db: Database, component: str, steps: Sequence[str]) -> int:
                            (component,))
         version = rows[0][0] if rows else 0
         if version > len(steps):
-            raise StoreError(f"the database's {component} schema is version {version}; this "
-                             f"trisocks knows up to {len(steps)}: upgrade trisocks")
+            raise StoreError(f"database {where + ' ' if where else ''}has {component} schema "
+                             f"version {version}, this trisocks knows up to {len(steps)}: "
+                             "upgrade trisocks")
         for step in steps[version:]:
+            if callable(step):
+                step(cur)
+                continue
             for statement in filter(str.strip, step.split(";")):
                 cur.execute(statement)
         cur.execute("INSERT INTO schema_migrations (component, version) VALUES (?, ?) "

@@ -8,13 +8,26 @@ it, but never grow it without end; idle entries go first, then the oldest.
 from __future__ import annotations
 
 import collections
+import ipaddress
 from collections.abc import Callable, Hashable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
-__all__ = ["AuthBackoff", "Counts", "KeyedRate", "TokenBucket"]
+__all__ = ["AuthBackoff", "Counts", "InFlight", "KeyedRate", "TokenBucket", "client_group"]
 
 MAX_KEYS = 10_000
 V = TypeVar("V")
+T = TypeVar("T", bound=Hashable)
+
+ClientGroup = ipaddress.IPv4Address | ipaddress.IPv6Network
+
+
+def client_group(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ClientGroup:
+    """What per-client limits count by: an IPv4 address, or an IPv6 address's /64 (one
+    subscriber usually gets a whole /64, so counting single IPv6 addresses would limit
+    nothing)."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip
+    return ipaddress.IPv6Network((int(ip) >> 64 << 64, 64))
 
 
 class TokenBucket:
@@ -146,3 +159,52 @@ class Counts:
         self._counts[key] -= 1
         if self._counts[key] <= 0:
             del self._counts[key]
+
+
+class InFlight(Generic[T]):
+    """Things in flight (handshakes), oldest first, overall and per key (client group).
+
+    Admitting one over a cap never refuses it: :meth:`add` takes the oldest out of the way
+    instead, first of its key's, then overall, and returns them for the caller to end. So a
+    flood can only push out its own (and, at the global cap, the oldest) unfinished ones, and
+    whoever finishes promptly gets through. Every operation is O(1) per item moved.
+    """
+
+    def __init__(self) -> None:
+        self._all: collections.OrderedDict[T, Hashable] = collections.OrderedDict()
+        self._by_key: dict[Hashable, collections.OrderedDict[T, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def count(self, key: Hashable) -> int:
+        return len(self._by_key.get(key, ()))
+
+    def add(
+        self, item: T, key: Hashable, *, key_cap: int | None, cap: int | None
+    ) -> list[tuple[T, str]]:
+        """Add *item* under *key*; return what was taken out to make room, each with the cap
+        it was over: ``"key"`` (*key_cap*) or ``"all"`` (*cap*). ``None``: no such cap."""
+        evicted: list[tuple[T, str]] = []
+        while key_cap is not None and self.count(key) >= max(1, key_cap):
+            oldest = next(iter(self._by_key[key]))
+            self.remove(oldest)
+            evicted.append((oldest, "key"))
+        while cap is not None and len(self._all) >= max(1, cap):
+            oldest = next(iter(self._all))
+            self.remove(oldest)
+            evicted.append((oldest, "all"))
+        self._all[item] = key
+        self._by_key.setdefault(key, collections.OrderedDict())[item] = None
+        return evicted
+
+    def remove(self, item: T) -> bool:
+        """Take *item* out; ``False`` if it was not in (already evicted)."""
+        if item not in self._all:
+            return False
+        key = self._all.pop(item)
+        group = self._by_key[key]
+        del group[item]
+        if not group:
+            del self._by_key[key]
+        return True

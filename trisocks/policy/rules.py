@@ -7,13 +7,23 @@ yet makes the answer ``None`` ("resolve, then ask once per address").
 Rules of matching:
 
 1. Every condition a rule names must hold; a condition it leaves out matches anything.
-2. ``to`` holds CIDRs, host names (exact, or ``*.suffix`` for names under a suffix, case-blind)
-   and ``@admin`` (the admin endpoint). It matches when any entry does. A name entry looks at
-   the name the client asked; a CIDR looks at the address (the literal, or each one the name
-   resolves to). So a request for a name is judged once per resolved address, with both known:
-   a name cannot smuggle a denied address past a CIDR rule, and a name rule still applies to
-   every address of that name.
-3. ``users`` names users and ``@group`` entries; an unauthenticated session matches only rules
+2. ``to`` holds CIDRs, host names (exact, or ``*.suffix`` for names under a suffix, case-blind),
+   ``@admin`` (every address and port that reaches the admin listener: with a wildcard bind,
+   every local address of that family, both for ``::``) and ``@local`` (this host: loopback,
+   ``0.0.0.0/8``, ``::`` and every interface address). It matches when any entry does. A name
+   entry looks at the name the client asked; a CIDR looks at the address (the literal, or each
+   one the name resolves to). So a request for a name is judged once per resolved address, with
+   both known: a name cannot smuggle a denied address past a CIDR rule, and a name rule still
+   applies to every address of that name.
+3. An address is judged as what the kernel reaches (:mod:`trisocks.policy.addresses`): an
+   IPv4-mapped or -compatible IPv6 address as the IPv4 one; ``0.0.0.0/8`` and ``::`` as
+   themselves *and* as the loopback address (both must be allowed). Exception: BIND's all-zeros
+   DST.ADDR means "any peer" (RFC 1928), not this host: it is judged only as itself, and
+   ``@local`` and ``@admin`` do not match it (a CIDR such as ``0.0.0.0/8`` still does).
+4. ``from`` holds client CIDRs and ``@local`` (a client on this host); an entry with a leading
+   ``!`` excludes. The client must match some plain entry (when there is one) and no ``!``
+   entry: ``from = "!@local"`` is "every client not on this host".
+5. ``users`` names users and ``@group`` entries; an unauthenticated session matches only rules
    without ``users``.
 """
 
@@ -25,10 +35,13 @@ from typing import Any
 
 import attrs
 
+from trisocks.policy.addresses import LOCAL_NETWORKS, canonical, judged
+
 __all__ = [
     "ADMIN",
     "COMMANDS",
     "DEFAULT_RULES",
+    "LOCAL",
     "Decision",
     "Query",
     "Rule",
@@ -42,14 +55,18 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 COMMANDS = ("connect", "bind", "udp")
 ADMIN = "@admin"
 """The ``to`` entry that stands for the admin endpoint, wherever it listens."""
+LOCAL = "@local"
+"""The ``to`` and ``from`` entry that stands for this host: every address of its own."""
 _FIELDS = {"id", "action", "from", "users", "commands", "to", "ports"}
 
 DEFAULT_RULES: tuple[dict[str, Any], ...] = (
     {"id": "admin-endpoint", "action": "deny", "to": [ADMIN]},
+    {"id": "proxy-host", "action": "deny", "from": ["!" + LOCAL], "to": [LOCAL]},
     {"id": "link-local", "action": "deny", "to": ["169.254.0.0/16", "fe80::/10"]},
 )
 """The shipped rules (with ``rules_default = "allow"``): everything is allowed except the
-proxy's own admin endpoint and link-local addresses, where cloud metadata services live."""
+proxy's own admin endpoint, the proxy host itself to clients elsewhere (a local client could
+reach its services anyway), and link-local addresses, where cloud metadata services live."""
 
 
 class RuleError(ValueError):
@@ -114,25 +131,35 @@ class Rule:
     id: str
     allow: bool
     clients: tuple[Network, ...] = ()
+    from_local: bool = False
+    """``from`` includes ``@local`` (made into ``clients`` by :class:`RuleSet`)."""
+    not_clients: tuple[Network, ...] = ()
+    """``from`` entries with ``!``: a client in one of them never matches."""
+    not_from_local: bool = False
+    """``from`` includes ``!@local`` (made into ``not_clients`` by :class:`RuleSet`)."""
     users: frozenset[str] | None = None
     commands: frozenset[str] | None = None
     hosts: tuple[_Host, ...] = ()
     nets: tuple[_Net, ...] = ()
     admin: bool = False
     """``to`` includes ``@admin`` (made into ``nets`` by :class:`RuleSet`)."""
+    local: bool = False
+    """``to`` includes ``@local`` (made into ``nets`` by :class:`RuleSet`)."""
     ports: tuple[tuple[int, int], ...] = ()
 
     def match(self, q: Query, users: frozenset[str] | None) -> bool | None:
         """True or False, or None when it hangs on the unresolved address."""
-        if self.clients and not any(
+        if (self.clients or self.from_local) and not any(
             q.client.version == n.version and q.client in n for n in self.clients
         ):
+            return False
+        if any(q.client.version == n.version and q.client in n for n in self.not_clients):
             return False
         if users is not None and q.user not in users:
             return False
         if self.commands is not None and q.command not in self.commands:
             return False
-        to = bool(self.hosts or self.nets or self.admin)  # @admin without an admin: nothing
+        to = bool(self.hosts or self.nets or self.admin or self.local)  # @admin w/o admin: none
         if not (to or self.ports):
             return True
         if q.port is None:
@@ -148,7 +175,9 @@ class Rule:
 
 
 class RuleSet:
-    """Rules in order, groups expanded, ``@admin`` bound to where the admin API listens."""
+    """Rules in order, groups expanded, ``@admin`` bound to where the admin API listens and
+    ``@local`` to this host's addresses (*local*: the interfaces' addresses, read by
+    :func:`trisocks.policy.addresses.host_networks`; loopback and unspecified always count)."""
 
     def __init__(
         self,
@@ -157,19 +186,42 @@ class RuleSet:
         default_allow: bool,
         groups: Mapping[str, Iterable[str]] | None = None,
         admin: tuple[str, int] | None = None,
+        local: Iterable[IP | Network] = (),
     ) -> None:
         groups = groups or {}
-        admin_nets = _admin_nets(admin)
-        self.rules = tuple(
-            attrs.evolve(r, nets=r.nets + admin_nets) if r.admin else r for r in rules
-        )
+        self.local = _local_nets(local)
+        self.rules = _bind_all(rules, admin, self.local, self.local)
+        # For BIND's "any peer" (rule 3), @admin and @local leave out the unspecified addresses.
+        peer = tuple(n for n in self.local if not n.network_address.is_unspecified)
+        self._peer_rules = _bind_all(rules, admin, peer, self.local)
         self.default = Decision(default_allow, "default")
         self._users = [_expand(r.users, groups) for r in self.rules]
 
     def decide(self, q: Query) -> Decision | None:
         """The first matching rule's decision, the default, or ``None`` when a rule before the
-        first sure match depends on ``q.ip`` and ``q.ip`` is not known yet."""
-        for rule, users in zip(self.rules, self._users, strict=True):
+        first sure match depends on ``q.ip`` and ``q.ip`` is not known yet.
+
+        The address is judged in each of its forms (rule 3): the first deny wins."""
+        client = canonical(q.client)
+        if client != q.client:
+            q = attrs.evolve(q, client=client)
+        if q.ip is None:
+            return self._first(q, self.rules)
+        forms = judged(q.ip)
+        if q.command == "bind" and forms[0].is_unspecified:  # "any peer" (rule 3)
+            return self._first(attrs.evolve(q, ip=forms[0]), self._peer_rules)
+        if forms == (q.ip,):
+            return self._first(q, self.rules)
+        decision = None
+        for ip in forms:
+            found = self._first(attrs.evolve(q, ip=ip), self.rules)
+            if found is None or not found.allowed:
+                return found
+            decision = decision or found
+        return decision
+
+    def _first(self, q: Query, rules: tuple[Rule, ...]) -> Decision | None:
+        for rule, users in zip(rules, self._users, strict=True):
             matched = rule.match(q, users)
             if matched is None:
                 return None
@@ -196,17 +248,57 @@ def _expand(entries: frozenset[str] | None, groups: Mapping[str, Iterable[str]])
     return frozenset(names)
 
 
-def _admin_nets(admin: tuple[str, int] | None) -> tuple[_Net, ...]:
-    """The admin endpoint as networks; an unspecified host (all interfaces) is reachable on
-    every loopback address too."""
+def _local_nets(local: Iterable[IP | Network]) -> tuple[Network, ...]:
+    """This host's networks: loopback and unspecified first, then *local* (canonical: an
+    IPv4-mapped entry is its IPv4 address), without repeats."""
+    nets = dict.fromkeys(LOCAL_NETWORKS)
+    for entry in local:
+        net = ipaddress.ip_network(entry)
+        if net.prefixlen == net.max_prefixlen:
+            net = ipaddress.ip_network(canonical(net.network_address))
+        nets.setdefault(net)
+    return tuple(nets)
+
+
+def _admin_nets(admin: tuple[str, int] | None, local: Sequence[Network]) -> tuple[_Net, ...]:
+    """The admin endpoint as networks, on its port. A wildcard host is every local address:
+    ``0.0.0.0`` of IPv4; ``::`` of both families (a dual-stack socket takes IPv4 too)."""
     if admin is None:
         return ()
     host, port = admin
-    hosts = ["127.0.0.1", "::1"] if host == "localhost" else [host]
-    nets = [ipaddress.ip_network(h) for h in hosts]
-    if any(n.network_address.is_unspecified for n in nets):
-        nets += [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
-    return tuple(_Net(n, port) for n in nets)
+    hosts = ["127.0.0.1", "::1"] if host == "localhost" else [host.strip("[]").split("%")[0]]
+    nets: list[Network] = []
+    for text in hosts:
+        ip = canonical(ipaddress.ip_address(text))
+        if ip.is_unspecified:
+            nets += [n for n in local if ip.version == 6 or n.version == 4]
+        else:
+            nets.append(ipaddress.ip_network(ip))
+    return tuple(_Net(n, port) for n in dict.fromkeys(nets))
+
+
+def _bind_all(
+    rules: Sequence[Rule],
+    admin: tuple[str, int] | None,
+    to_local: tuple[Network, ...],
+    from_local: tuple[Network, ...],
+) -> tuple[Rule, ...]:
+    """*rules* with ``@admin`` and ``@local`` made into networks: *to_local* for destinations
+    (and a wildcard admin), *from_local* for clients."""
+    admin_nets = _admin_nets(admin, to_local)
+    local_nets = tuple(_Net(n) for n in to_local)
+    bound = []
+    for rule in rules:
+        changes: dict[str, Any] = {}
+        if rule.admin or rule.local:
+            changes["nets"] = rule.nets + (admin_nets if rule.admin else ()) + (
+                local_nets if rule.local else ())
+        if rule.from_local:
+            changes["clients"] = rule.clients + from_local
+        if rule.not_from_local:
+            changes["not_clients"] = rule.not_clients + from_local
+        bound.append(attrs.evolve(rule, **changes) if changes else rule)
+    return tuple(bound)
 
 
 def _strings(rule_id: str, field: str, value: Any) -> list[str]:
@@ -231,14 +323,46 @@ def _ports(rule_id: str, value: Any) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _canonical_net(net: Network) -> Network:
+    """A rule's network as addresses are judged: inside ``::ffff:0:0/96`` (IPv4-mapped), the
+    IPv4 network it maps (``::ffff:10.0.0.0/104`` is ``10.0.0.0/8``)."""
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
+        return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
+
+
+def _clients(rule_id: str, value: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {"clients": [], "not_clients": []}
+    for entry in _strings(rule_id, "from", value):
+        negated = entry.startswith("!")
+        entry = entry[1:].strip() if negated else entry.strip()
+        if entry.lower() == LOCAL:
+            fields["not_from_local" if negated else "from_local"] = True
+            continue
+        try:
+            net = _canonical_net(ipaddress.ip_network(entry, strict=False))
+        except ValueError as exc:
+            raise RuleError(f"rule {rule_id!r}: from: {exc}") from None
+        fields["not_clients" if negated else "clients"].append(net)
+    fields["clients"] = tuple(fields["clients"])
+    fields["not_clients"] = tuple(fields["not_clients"])
+    return fields
+
+
 def _destinations(rule_id: str, value: Any) -> dict[str, Any]:
-    hosts, nets, admin = [], [], False
+    hosts, nets, admin, local = [], [], False, False
     for entry in _strings(rule_id, "to", value):
         if entry == ADMIN:
             admin = True
             continue
+        if entry.lower() == LOCAL:
+            local = True
+            continue
         try:
-            nets.append(_Net(ipaddress.ip_network(entry, strict=False)))
+            nets.append(_Net(_canonical_net(ipaddress.ip_network(entry, strict=False))))
             continue
         except ValueError:
             pass
@@ -248,7 +372,7 @@ def _destinations(rule_id: str, value: Any) -> dict[str, Any]:
         if not name or "*" in name or "/" in name or " " in name:
             raise RuleError(f"rule {rule_id!r}: to: {entry!r} is not a CIDR, name or *.suffix")
         hosts.append(_Host(name, suffix))
-    return {"hosts": tuple(hosts), "nets": tuple(nets), "admin": admin}
+    return {"hosts": tuple(hosts), "nets": tuple(nets), "admin": admin, "local": local}
 
 
 def _rule(index: int, data: Any) -> Rule:
@@ -263,11 +387,7 @@ def _rule(index: int, data: Any) -> Rule:
         raise RuleError(f"rule {rule_id!r}: action must be allow or deny, got {action!r}")
     fields: dict[str, Any] = {"id": rule_id, "allow": action == "allow"}
     if "from" in data:
-        try:
-            clients = _strings(rule_id, "from", data["from"])
-            fields["clients"] = tuple(ipaddress.ip_network(c, strict=False) for c in clients)
-        except ValueError as exc:
-            raise RuleError(f"rule {rule_id!r}: from: {exc}") from None
+        fields.update(_clients(rule_id, data["from"]))
     if "users" in data:
         fields["users"] = frozenset(_strings(rule_id, "users", data["users"]))
     if "commands" in data:

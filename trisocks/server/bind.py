@@ -3,7 +3,8 @@
 Rules this module keeps:
 
 1. The listening socket lives on the control connection's local address (the client reached
-   us there, so its peer can too) and is closed as soon as one peer is accepted.
+   us there, so its peer can too) and is closed as soon as one peer is accepted. While it is
+   open it counts against the user's ``max_binds_per_user`` (``Guard.reserve``).
 2. When DST.ADDR is not all zeros, only a peer whose IP is DST.ADDR (any address of it, for a
    domain) is accepted; any other connection is closed at once and the wait goes on. DST.PORT
    is not checked: a peer's source port is usually ephemeral.
@@ -23,6 +24,7 @@ import socket
 
 import trio
 
+from trisocks.policy.addresses import canonical
 from trisocks.protocol import Address, AddressType, Reply, Request
 from trisocks.server.common import (
     ClientStream,
@@ -36,7 +38,7 @@ from trisocks.server.common import (
     watch_control,
 )
 from trisocks.server.context import ServerContext
-from trisocks.server.dial import lookup
+from trisocks.server.dial import literal, lookup
 from trisocks.server.errors import reply_for
 from trisocks.sessions import Session
 
@@ -53,6 +55,10 @@ async def handle_bind(
     ctx: ServerContext,
 ) -> None:
     """Serve a BIND request: two replies, then relay between the client and its peer."""
+    refusal = ctx.guard.reserve(session, "bind")  # held while the listener is (or the session)
+    if refusal is not None:
+        await send_reply(stream, session, refusal)
+        return
     ctx.registry.set_state(session, "connecting")
     try:
         expected = await _expected_peer_ips(request.address)
@@ -80,6 +86,7 @@ async def handle_bind(
                 session.close_reason = f"no peer: {exc}" if str(exc) else "bind timeout"
                 await send_reply(stream, session, reply_for(exc))
                 return
+        ctx.guard.release(session)  # the listener is closed: now it is a relay like CONNECT
         if peer is None:
             session.close_reason = "client closed the control connection while waiting"
             return
@@ -95,10 +102,11 @@ async def _expected_peer_ips(address: Address) -> frozenset[IP] | None:
     Raises:
         OSError: a domain DST.ADDR does not resolve (``socket.gaierror``).
     """
+    address = literal(address)  # a numeric name is its address
     if address.atyp != AddressType.DOMAIN:
-        return None if address.is_unspecified else frozenset({ip_of(address.host)})
+        return None if address.is_unspecified else frozenset({canonical(ip_of(address.host))})
     infos = await lookup(address.host, None, socket.SOCK_STREAM)
-    return frozenset(ip_of(str(info[4][0])) for info in infos)
+    return frozenset(canonical(ip_of(str(info[4][0]))) for info in infos)
 
 
 async def _wait_for_peer(

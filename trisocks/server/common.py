@@ -123,7 +123,8 @@ async def relay_session(
     ctx: ServerContext,
 ) -> None:
     """The relaying phase of CONNECT and BIND: what the client sent early goes first, then
-    both directions flow until they end; a socket error becomes the close reason."""
+    both directions flow until they end; how they ended (:func:`relay`: a normal end, the idle
+    timeout, or a socket error and its side) becomes the close reason."""
     ctx.registry.set_state(session, "relaying")
     if leftover:
         await upstream.send_all(leftover)
@@ -133,9 +134,9 @@ async def relay_session(
         failure = await relay_gss(
             stream, upstream, session.counters, ctx.config.idle_timeout, throttles
         )
+        if failure is not None:
+            session.close_reason = f"relay: {failure.strerror or failure}"
     else:
-        failure = await relay(
+        session.close_reason = await relay(
             stream, upstream, session.counters, ctx.engine, ctx.config.idle_timeout, throttles
         )
-    if failure is not None:
-        session.close_reason = f"relay: {failure.strerror or failure}"

@@ -30,7 +30,8 @@ class Stats:
 
     started_at: float = attrs.field(factory=trio.current_time)
     handshake_failures: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    """By reason: timeout, bad_version, no_acceptable_method, auth_failed, malformed, eof."""
+    """By reason: timeout, evicted, bad_version, no_acceptable_method, auth_failed, malformed,
+    eof."""
     replies: collections.Counter[int] = attrs.field(factory=collections.Counter)
     """Final REP codes sent."""
     udp_dropped: collections.Counter[str] = attrs.field(factory=collections.Counter)
@@ -44,8 +45,10 @@ class Stats:
     rejected_over_limit: int = 0
     """Connections closed at accept because max_sessions was reached."""
     limited: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    """Connections or requests refused by a limit: max_handshakes, connection_rate,
-    auth_backoff (closed at accept), user_sessions, quota (REP 02 or session ended)."""
+    """Connections or requests refused by a limit: connection_rate, auth_backoff (closed at
+    accept), max_handshakes, max_handshakes_per_client (the oldest unfinished handshake
+    evicted), user_sessions, quota, user_binds, user_udp (REP 02 or session ended),
+    udp_sockets (REP 01)."""
     denied: collections.Counter[str] = attrs.field(factory=collections.Counter)
     """Requests and UDP datagrams denied, by rule id."""
     reloads: collections.Counter[str] = attrs.field(factory=collections.Counter)

@@ -3,12 +3,18 @@
 ``trio.open_tcp_stream(name)`` would resolve the name itself, after we had checked it; a name
 whose records change in between (DNS rebinding) would reach an address no rule ever saw. So
 the name is resolved here, once; the rules see every address; and the connection attempts use
-exactly those addresses, staggered as in RFC 8305 (Happy Eyeballs): families interleaved, the
-next attempt starting when one fails or after ``delay`` seconds, the first to connect winning.
+exactly those addresses (as the kernel reaches them: :func:`reach`), staggered as in RFC 8305
+(Happy Eyeballs): families interleaved, the next attempt starting when one fails or after
+``delay`` seconds, the first to connect winning.
+
+A DOMAINNAME the resolver would read as a number (``127.1``, ``0x7f.0.0.1``, ``0``) is that
+address (:func:`literal`): judged and dialed as it, never looked up.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import itertools
 import socket
 from collections.abc import Callable
@@ -16,11 +22,12 @@ from typing import Any
 
 import trio
 
+from trisocks.policy.addresses import numeric_host, reached
 from trisocks.policy.rules import IP, Decision
 from trisocks.protocol import Address, AddressType
 from trisocks.server.common import ip_of
 
-__all__ = ["Denied", "connect_any", "dial", "lookup", "resolve"]
+__all__ = ["Denied", "connect_any", "dial", "literal", "lookup", "reach", "resolve"]
 
 Target = tuple[socket.AddressFamily, Any]
 """A family and a socket address to connect to."""
@@ -52,6 +59,30 @@ def _wire_name(host: str) -> bytes:
         raise socket.gaierror(socket.EAI_NONAME, f"name cannot be IDNA-encoded: {host!r}") from None
 
 
+def literal(address: Address) -> Address:
+    """*address*, with a numeric DOMAINNAME made the IP literal it spells (``127.1`` ->
+    ``127.0.0.1``; :func:`trisocks.policy.addresses.numeric_host`)."""
+    if address.atyp != AddressType.DOMAIN:
+        return address
+    ip = numeric_host(address.host)
+    return address if ip is None else Address.of(str(ip), address.port)
+
+
+@functools.lru_cache(maxsize=4096)
+def reach(target: Target) -> Target:
+    """*target* as the kernel reaches it, which is what is dialed: an IPv4-mapped or
+    -compatible IPv6 address as IPv4, ``0.0.0.0`` and ``::`` as loopback
+    (:func:`trisocks.policy.addresses.reached`)."""
+    sockaddr = target[1]
+    ip = ipaddress.ip_address(sockaddr[0])
+    to = reached(ip)
+    if to == ip:
+        return target
+    if to.version == 4:
+        return socket.AF_INET, (str(to), sockaddr[1])
+    return socket.AF_INET6, (str(to), sockaddr[1], 0, 0)
+
+
 async def lookup(host: str, port: int | None, type: int) -> list[Any]:
     """``getaddrinfo`` for a DST.ADDR domain: never raises anything but OSError.
 
@@ -67,6 +98,7 @@ async def resolve(address: Address) -> list[Target]:
     Raises:
         OSError: the name does not resolve (``socket.gaierror``).
     """
+    address = literal(address)
     if address.atyp != AddressType.DOMAIN:
         family = socket.AF_INET6 if address.atyp == AddressType.IPV6 else socket.AF_INET
         return [(family, (address.host, address.port))]
@@ -141,7 +173,8 @@ async def connect_any(targets: list[Target], delay: float) -> trio.SocketStream:
 async def dial(
     address: Address, judge: Callable[[list[IP]], Decision | None], delay: float
 ) -> trio.SocketStream:
-    """Resolve *address*, let *judge* see every IP (a Decision return is a deny), connect.
+    """Resolve *address*, let *judge* see every IP (a Decision return is a deny), connect to
+    them as the kernel reaches them (:func:`reach`; the rules judge that form too).
 
     Raises:
         Denied: an address is denied.
@@ -151,4 +184,4 @@ async def dial(
     denial = judge([ip_of(t[1][0]) for t in targets])
     if denial is not None:
         raise Denied(denial)
-    return await connect_any(targets, delay)
+    return await connect_any(list(dict.fromkeys(reach(t) for t in targets)), delay)

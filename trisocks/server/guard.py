@@ -2,9 +2,16 @@
 
 Where each check sits, cheapest first:
 
-1. At accept (:meth:`Guard.admit`): handshakes in flight, new connections per client IP, and
-   IPs backing off after failed logins. A refused connection is closed before a byte is read;
-   it never enters the session registry (a flood must not flood the access log either).
+1. At accept (:meth:`Guard.admit`): new connections per client IP, and IPs backing off after
+   failed logins. A refused connection is closed before a byte is read; it never enters the
+   session registry (a flood must not flood the access log either).
+   Handshakes in flight (:meth:`Guard.handshaking`) are capped per client group (an IPv4
+   address, an IPv6 /64) and server-wide, but a newcomer is never refused for them: the
+   oldest unfinished handshake over the cap is evicted instead, so idle half-open
+   connections cannot lock anyone out, not even others behind the flooding address (NAT).
+   Over half the cap, new handshakes also get less time (:func:`pressure_timeout`).
+   BIND listeners and UDP associations held at once are capped per user (:meth:`Guard.reserve`;
+   unauthenticated sessions count per client group), UDP sockets server-wide.
 2. After the request (:meth:`Guard.open_request`): the user's session limit and quota, then the
    rules on what the client asked. CONNECT to a name is judged again per resolved address by
    :mod:`trisocks.server.dial`, which connects only to addresses it judged.
@@ -26,11 +33,21 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from trisocks.policy.limits import AuthBackoff, Counts, KeyedRate, TokenBucket
+from trisocks.logs import quote
+from trisocks.policy.addresses import Network, host_networks
+from trisocks.policy.limits import (
+    AuthBackoff,
+    Counts,
+    InFlight,
+    KeyedRate,
+    TokenBucket,
+    client_group,
+)
 from trisocks.policy.quotas import UserLimits, quota_exceeded, usage
 from trisocks.policy.rules import IP, Decision, Query, RuleSet
-from trisocks.protocol import AddressType, Request
+from trisocks.protocol import AddressType, Reply, Request
 from trisocks.server.common import ip_of
+from trisocks.server.dial import literal
 from trisocks.server.relay import Throttle
 from trisocks.sessions import Session
 
@@ -38,7 +55,7 @@ if TYPE_CHECKING:
     from trisocks.config import Config
     from trisocks.server.context import ServerContext
 
-__all__ = ["Guard", "Throttle"]
+__all__ = ["Guard", "HandshakeEvicted", "Throttle", "pressure_timeout"]
 
 log = logging.getLogger("trisocks.policy")
 
@@ -72,10 +89,51 @@ def command_of(request: Request) -> str:
     return ("connect", "bind", "udp")[request.command - 1]
 
 
+UDP_SOCKETS_PER_ASSOCIATION = 2
+"""What a UDP association takes of ``udp_sockets``: the socket facing the client and its one
+dual-stack outbound socket (reserved up front, so the outbound one never fails for want of
+budget halfway through an association)."""
+
+
+class HandshakeEvicted(Exception):
+    """The handshake was ended to make room for a newer connection; ``limit`` names the cap."""
+
+    def __init__(self, limit: str) -> None:
+        super().__init__(f"evicted: {limit}")
+        self.limit = limit
+
+
+def pressure_timeout(timeout: float, load: float) -> float:
+    """The handshake timeout for a connection admitted at *load* (the fuller of its client
+    group's and the server's handshake caps, 0..1): the whole *timeout* up to half full, then
+    linearly less, down to half of it at full (a stalled flood then holds slots half as long,
+    while a prompt client still has ample time)."""
+    return timeout * min(1.0, max(0.5, 1.5 - load))
+
+
+@attrs.define(eq=False)
+class _Handshake:
+    """A handshake in flight: its session and the scope that ends it (timeout or eviction)."""
+
+    session: Session
+    scope: trio.CancelScope
+    evicted: str | None = None
+    """The cap it was evicted for."""
+
+
 class Guard:
     def __init__(self, ctx: ServerContext) -> None:
         self._ctx = ctx
-        self.handshakes = 0
+        self._handshakes: InFlight[_Handshake] = InFlight()
+        self._crowded: set[object] = set()
+        """Client groups (and ``None``: the server) whose handshake cap was hit; logged once
+        per episode, which ends when the group has no handshake left."""
+        self.binds = Counts()
+        self.udp = Counts()
+        """BIND listeners and UDP associations held, by :meth:`owner`."""
+        self.udp_sockets = 0
+        """UDP sockets reserved by live associations."""
+        self._held: dict[Session, tuple[str, object]] = {}
         self.user_sessions = Counts()
         self._auth = AuthBackoff(1)
         self._connections: KeyedRate | None = None
@@ -83,8 +141,12 @@ class Guard:
         self._queries: dict[Session, Query] = {}
         self._ruleset_key: tuple[object, ...] = ()
         self._ruleset: RuleSet | None = None
+        self.local: frozenset[Network] = frozenset()
+        """This host's addresses (``@local``): read at start and on reload."""
+        self.read_local_addresses()
         self.configure(ctx.config)
         ctx.registry.add_listener(self._on_event)
+        ctx.registry.add_listener(self._release_on_end)
 
     # --- configuration ---------------------------------------------------------------------
 
@@ -98,11 +160,18 @@ class Guard:
         elif self._connections is None or self._connections.rate != rate:
             self._connections = KeyedRate(rate, max(1.0, 2 * rate))
 
+    def read_local_addresses(self) -> None:
+        """Read this host's interface addresses again (``@local``, and ``@admin`` on a
+        wildcard): at start, and on reload (:func:`trisocks.server.reload.reload_config`)."""
+        self.local = host_networks()
+
     @property
     def ruleset(self) -> RuleSet:
-        """The rules of the current config, bound to where the admin API really listens."""
+        """The rules of the current config, bound to where the admin API really listens and
+        to this host's addresses."""
         config = self._ctx.config
-        key = (config.rules, config.rules_default, config.groups, self._ctx.admin_address)
+        key = (config.rules, config.rules_default, config.groups, self._ctx.admin_address,
+               self.local)
         if self._ruleset is None or key != self._ruleset_key:
             self._ruleset_key = key
             self._ruleset = RuleSet(
@@ -110,6 +179,7 @@ class Guard:
                 default_allow=config.rules_default == "allow",
                 groups=dict(config.groups),
                 admin=self._ctx.admin_address,
+                local=sorted(self.local, key=lambda n: (n.version, n)),
             )
         return self._ruleset
 
@@ -118,9 +188,7 @@ class Guard:
     def admit(self, ip: IP) -> str | None:
         """The limit a new connection from *ip* is over, or ``None`` to go on."""
         now = trio.current_time()
-        if self.handshakes >= self._ctx.config.max_handshakes:
-            reason = "max_handshakes"
-        elif self._connections is not None and not self._connections.allow(ip, now):
+        if self._connections is not None and not self._connections.allow(ip, now):
             reason = "connection_rate"
         elif self._auth.threshold and self._auth.blocked(ip, now) and not self._exempt(ip):
             reason = "auth_backoff"
@@ -129,13 +197,63 @@ class Guard:
         self._ctx.stats.limited[reason] += 1
         return reason
 
+    @property
+    def handshakes(self) -> int:
+        """Handshakes in flight."""
+        return len(self._handshakes)
+
+    def handshakes_from(self, ip: IP) -> int:
+        """Handshakes in flight from *ip*'s client group."""
+        return self._handshakes.count(client_group(ip))
+
     @contextlib.contextmanager
-    def handshaking(self) -> Iterator[None]:
-        self.handshakes += 1
+    def handshaking(self, session: Session, ip: IP) -> Iterator[None]:
+        """Run *session*'s handshake in a slot of its client group's and the server's caps.
+
+        Over a cap, the oldest handshakes still in flight are evicted to make room (counted in
+        ``stats.limited`` under the cap's name). The handshake must finish within
+        :func:`pressure_timeout` of ``handshake_timeout``.
+
+        Raises:
+            trio.TooSlowError: the handshake timed out.
+            HandshakeEvicted: a newer connection took its slot.
+        """
+        config = self._ctx.config
+        group = client_group(ip)
+        entry = _Handshake(session, trio.CancelScope())
+        evicted = self._handshakes.add(
+            entry, group, key_cap=config.max_handshakes_per_client, cap=config.max_handshakes
+        )
+        for old, cap in evicted:
+            limit = "max_handshakes_per_client" if cap == "key" else "max_handshakes"
+            crowd = group if cap == "key" else None
+            if crowd not in self._crowded:
+                self._crowded.add(crowd)
+                log.warning("%s: %s reached; evicting the oldest unfinished handshakes",
+                            "server" if crowd is None else f"client {crowd}", limit)
+            self._ctx.stats.limited[limit] += 1
+            old.evicted = limit
+            old.scope.cancel()
+        load = len(self._handshakes) / config.max_handshakes
+        if config.max_handshakes_per_client:
+            load = max(load, self._handshakes.count(group) / config.max_handshakes_per_client)
+        entry.scope.deadline = trio.current_time() + pressure_timeout(
+            config.handshake_timeout, load
+        )
         try:
-            yield
+            with entry.scope:
+                yield
         finally:
-            self.handshakes -= 1
+            self._handshakes.remove(entry)
+            if self._crowded:  # an episode ends under half the cap
+                if self._handshakes.count(group) * 2 < (config.max_handshakes_per_client or 1):
+                    self._crowded.discard(group)
+                if len(self._handshakes) * 2 < config.max_handshakes:
+                    self._crowded.discard(None)
+        if entry.scope.cancelled_caught:
+            if entry.evicted is not None:
+                raise HandshakeEvicted(entry.evicted)
+            raise trio.TooSlowError
 
     def _exempt(self, ip: IP) -> bool:
         return any(ip in network for network in self._ctx.config.auth_backoff_exempt)
@@ -147,6 +265,66 @@ class Guard:
             return
         elif self._auth.threshold and self._auth.failed(ip, trio.current_time()):
             log.info("%s: %d+ failed logins; backing off", ip, self._auth.threshold)
+
+    # --- what a session holds beyond its connection ------------------------------------------
+
+    @staticmethod
+    def owner(session: Session) -> tuple[str, object]:
+        """Whom per-user caps count *session* under: its user, or, unauthenticated, its client
+        group (one anonymous key would let one client lock out every other one)."""
+        if session.user is not None:
+            return ("user", session.user)
+        return ("client", client_group(ip_of(session.client.rpartition(":")[0].strip("[]"))))
+
+    def reserve(self, session: Session, kind: str) -> Reply | None:
+        """Hold a BIND listener (*kind* ``"bind"``) or a UDP association (``"udp"``) for
+        *session* until :meth:`release` or the session's end.
+
+        Returns:
+            ``None`` when held. Otherwise the REP to refuse with, the refusal counted in
+            ``stats.limited``, logged and made the close reason: REP 02 (not allowed) for the
+            owner's own cap (``max_binds_per_user``, ``max_udp_per_user``), REP 01 (general
+            failure) when the server's ``udp_sockets`` budget is used up.
+        """
+        config = self._ctx.config
+        owner = self.owner(session)
+        counts, cap, limit, what = (
+            (self.binds, config.max_binds_per_user, "user_binds", "BIND listeners")
+            if kind == "bind"
+            else (self.udp, config.max_udp_per_user, "user_udp", "UDP associations")
+        )
+        name = quote(session.user) if session.user is not None else f"client {owner[1]}"
+        if cap is not None and counts[owner] >= cap:
+            reply, why = Reply.NOT_ALLOWED, f"{name} holds {cap} {what} already"
+        elif kind == "udp" and self.udp_sockets + UDP_SOCKETS_PER_ASSOCIATION > config.udp_sockets:
+            limit, reply = "udp_sockets", Reply.GENERAL_FAILURE
+            why = f"the server's {config.udp_sockets} UDP sockets are all in use"
+        else:
+            counts.acquire(owner, None)
+            if kind == "udp":
+                self.udp_sockets += UDP_SOCKETS_PER_ASSOCIATION
+            self._held[session] = (kind, owner)
+            return None
+        self._ctx.stats.limited[limit] += 1
+        log.info("session %s: %s refused: %s", session.id, kind.upper(), why)
+        session.close_reason = why
+        return reply
+
+    def release(self, session: Session) -> None:
+        """Give back what :meth:`reserve` holds for *session* (nothing if it holds nothing)."""
+        held = self._held.pop(session, None)
+        if held is None:
+            return
+        kind, owner = held
+        if kind == "bind":
+            self.binds.release(owner)
+        else:
+            self.udp.release(owner)
+            self.udp_sockets -= UDP_SOCKETS_PER_ASSOCIATION
+
+    def _release_on_end(self, event: str, session: Session) -> None:
+        if event == "end":
+            self.release(session)
 
     # --- 2. after the request ------------------------------------------------------------------
 
@@ -160,7 +338,7 @@ class Guard:
             reason for the log when the request must get REP 02 (then nothing is held).
             Otherwise the session holds a slot of its user's session limit until it ends.
         """
-        address = request.address
+        address = literal(request.address)  # a numeric name is its address
         domain = address.atyp == AddressType.DOMAIN
         query = Query(
             client=client,
@@ -296,7 +474,7 @@ class Guard:
             if exceeded:
                 sessions = [s for s in self._ctx.registry if s.user == user]
                 log.warning("user %s: %s quota used up; ending %d sessions",
-                            user, exceeded, len(sessions))
+                            quote(user), exceeded, len(sessions))
                 self._ctx.stats.limited["quota"] += len(sessions)
                 for session in sessions:
                     session.kill(f"{exceeded} quota used up")
@@ -329,7 +507,7 @@ class Guard:
                 if decision is not None and not decision.allowed:
                     reason = f"reload: denied by rule {decision.rule_id}"
             if reason is not None:
-                log.info("session %s (%s): %s", session.id, session.user or "-", reason)
+                log.info("session %s (%s): %s", session.id, quote(session.user), reason)
                 session.kill(reason)
                 ended += 1
         return ended

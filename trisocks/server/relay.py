@@ -12,6 +12,23 @@ work on file descriptors with trio's ``wait_readable``/``wait_writable``; a dire
 (EOF) is passed on as a half-close (``shutdown(SHUT_WR)``) and the other direction keeps going.
 A socket error in either direction ends the whole relay; it is returned, never raised, so it
 ends this session only.
+
+How a relay ended (:func:`relay` returns it as the session's close reason) tells normal ends
+from failures; "client" is the SOCKS client's socket, "target" the one we dialled (or, for
+BIND, the peer that connected):
+
+- ``client closed`` / ``target closed``: a normal end, named by the side that finished first.
+  Both sides sent EOF; or a half-close could not be passed on because its receiver had closed
+  already (``shutdown`` failing with ENOTCONN or EPIPE: everything before it was delivered);
+  or a socket failed on a side that had finished: the target after its EOF (it closed and
+  refused what still came), the client after its own EOF or once the target's EOF had been
+  passed on to it (it had been sent everything there was; a client closing with SO_LINGER 0
+  right after its last read resets).
+- ``relay: target: <error>``: the target failed before it finished (say, a reset in the middle
+  of a response); ``relay: client: <error>``: the client failed (reset) while the target was
+  still sending and before it had sent its own EOF; ``relay: <error>`` when no side's socket
+  shows the failure.
+- ``idle timeout``.
 """
 
 from __future__ import annotations
@@ -39,6 +56,8 @@ IDLE_SLACK = 1.0
 """Seconds by which a relay's idle timeout may be late (see :func:`relay`)."""
 PROBE = 8 * 1024
 """Splice engine: a burst up to this size is copied, not spliced (see SpliceEngine)."""
+_ALREADY_CLOSED = (errno.ENOTCONN, errno.EPIPE)
+"""``shutdown(SHUT_WR)`` failing so means the receiver closed (or reset) first."""
 
 Throttle = Callable[[int], Awaitable[None]]
 """Awaited after each chunk with its size (a rate limit sleeps in it); ``None`` when no limit
@@ -50,7 +69,8 @@ class Engine:
 
     :meth:`pump` is what :func:`relay` runs for each direction. It is the whole of that task
     (no wrapper around it, so an idle direction costs as few frames as possible): at EOF it
-    half-closes ``dst``; a socket error goes to ``stop`` instead of being raised."""
+    half-closes ``dst`` and calls ``stop(None)``; a socket error goes to ``stop`` instead of
+    being raised."""
 
     name = "abstract"
 
@@ -59,7 +79,7 @@ class Engine:
         src: trio.SocketStream,
         dst: trio.SocketStream,
         add: Callable[[int], None],
-        stop: Callable[[BaseException], None],
+        stop: Callable[[BaseException | None], None],
         throttle: Throttle | None = None,
     ) -> None:
         sfd, dfd = src.socket.fileno(), dst.socket.fileno()
@@ -68,9 +88,16 @@ class Engine:
                 await wait_readable(sfd)
                 if not await self.drain(sfd, dfd, add, throttle):
                     break
-            dst.socket.shutdown(socket.SHUT_WR)  # EOF passed on: a half-close, not a close
+            try:
+                dst.socket.shutdown(socket.SHUT_WR)  # EOF passed on: a half-close, not a close
+            except OSError as exc:
+                if exc.errno not in _ALREADY_CLOSED:
+                    raise
+                # dst's peer closed before our EOF reached it, after all our bytes: an end
         except (OSError, trio.ClosedResourceError) as exc:
             stop(exc)
+        else:
+            stop(None)
 
     async def drain(
         self, sfd: int, dfd: int, add: Callable[[int], None], throttle: Throttle | None = None
@@ -278,12 +305,33 @@ class _Relay:
     never earlier.
     """
 
-    __slots__ = ("counters", "failure", "idle_timeout", "next_move", "scope", "slack")
+    __slots__ = ("client", "counters", "down_done", "first", "idle_timeout", "next_move",
+                 "nursery", "outcome", "pending", "scope", "slack", "target", "up_done")
 
-    def __init__(self, counters: Counters, idle_timeout: float, scope: trio.CancelScope) -> None:
+    def __init__(
+        self,
+        counters: Counters,
+        idle_timeout: float,
+        nursery: trio.Nursery,
+        client: trio.SocketStream,
+        target: trio.SocketStream,
+    ) -> None:
         now = trio.current_time()
+        scope = nursery.cancel_scope
+        self.nursery = nursery
         self.counters = counters
-        self.failure: OSError | None = None
+        self.client = client
+        self.target = target
+        self.up_done = False
+        """The client's EOF was passed on to the target."""
+        self.down_done = False
+        """The target's EOF was passed on to the client."""
+        self.first: str | None = None
+        """The side that finished first: ``client`` or ``target``."""
+        self.outcome: str | None = None
+        """The close reason, once a failure (or a normal end by a socket error) decided it."""
+        self.pending: BaseException | None = None
+        """The first socket error, until it is judged (:meth:`_decide`)."""
         self.idle_timeout = idle_timeout
         self.slack = min(IDLE_SLACK, idle_timeout / 10)
         self.next_move = now + self.slack
@@ -304,10 +352,73 @@ class _Relay:
         self.counters.bytes_down += n
         self._touch()
 
-    def stop(self, exc: BaseException) -> None:
-        if self.failure is None and isinstance(exc, OSError):
-            self.failure = exc
+    # EOF from a socket that is gone (reset) while the other direction has just failed may be
+    # that reset, its error taken by the other direction's write: then it is not the peer's
+    # EOF. (Once our own EOF has gone to that peer, the connection is simply over.)
+
+    def stop_up(self, exc: BaseException | None) -> None:
+        if exc is None and (self.pending is None or self.down_done or not _gone(self.client)):
+            self.up_done = True
+            self.first = self.first or "client"
+        else:
+            self._fail(exc or _reset())
+
+    def stop_down(self, exc: BaseException | None) -> None:
+        if exc is None and (self.pending is None or self.up_done or not _gone(self.target)):
+            self.down_done = True
+            self.first = self.first or "target"
+        else:
+            self._fail(exc or _reset())
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.pending is None:
+            self.pending = exc
+            self.nursery.start_soon(self._decide)
+
+    async def _decide(self) -> None:
+        """Judge the first failure, then end the relay. One scheduling pass later: an EOF the
+        other direction got at the same moment (the target's, as the client resets right after
+        its last read) is seen first, and decides whether the failure is a normal end."""
+        await checkpoint()
+        exc = self.pending
+        if isinstance(exc, OSError):
+            self.outcome = self._judge(exc)
+        else:  # trio.ClosedResourceError: a socket closed under us
+            self.outcome = "relay: closed"
         self.scope.cancel()
+
+    def _judge(self, exc: OSError) -> str:
+        """The close reason for *exc*: a normal end if every side whose socket is gone (reset,
+        timed out) had finished (see the module docstring), else the failure and its side."""
+        finished = {"client": self.up_done or self.down_done, "target": self.down_done}
+        failed = [side for side, stream in (("client", self.client), ("target", self.target))
+                  if _gone(stream)]
+        if not failed:
+            return f"relay: {exc.strerror or exc}"
+        for side in failed:
+            if not finished[side]:
+                return f"relay: {side}: {exc.strerror or exc}"
+        return f"{self.first or failed[0]} closed"
+
+    def result(self) -> str:
+        if self.outcome is not None:
+            return self.outcome
+        if self.up_done and self.down_done:
+            return f"{self.first} closed"
+        return "idle timeout"  # nothing else cancels the relay's own scope without an outcome
+
+
+def _reset() -> OSError:
+    return ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+
+
+def _gone(stream: trio.SocketStream) -> bool:
+    """The socket's connection is over (reset or timed out: no peer any more)."""
+    try:
+        stream.socket.getpeername()
+    except OSError:
+        return True
+    return False
 
 
 async def relay(
@@ -317,15 +428,15 @@ async def relay(
     engine: Engine,
     idle_timeout: float,
     throttles: tuple[Throttle | None, Throttle | None] = (None, None),
-) -> OSError | None:
+) -> str:
     """Relay until both directions have seen EOF, the idle timeout passes, or a socket fails.
 
     *throttles* (up, down) hold a direction to a rate (per-user limits).
-    Returns the socket error that ended the relay, if any."""
+    Returns how the relay ended, as a close reason (see the module docstring)."""
     async with trio.open_nursery() as nursery:
-        state = _Relay(counters, idle_timeout, nursery.cancel_scope)
+        state = _Relay(counters, idle_timeout, nursery, client, upstream)
         # One direction runs in a child task, the other in this one: an idle session costs
         # two parked tasks (this one included), not three.
-        nursery.start_soon(engine.pump, client, upstream, state.up, state.stop, throttles[0])
-        await engine.pump(upstream, client, state.down, state.stop, throttles[1])
-    return state.failure
+        nursery.start_soon(engine.pump, client, upstream, state.up, state.stop_up, throttles[0])
+        await engine.pump(upstream, client, state.down, state.stop_down, throttles[1])
+    return state.result()

@@ -8,6 +8,7 @@ Rules of a reload:
    engine, logging) keep their running values; a change to them is logged as needing a restart.
 3. Live sessions keep going, except those the new rules or the user set no longer allow:
    they are ended with the reason in the log (:meth:`Guard.revoke`).
+4. This host's interface addresses (``@local``, ``@admin`` on a wildcard) are read again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ __all__ = ["RESTART_KEYS", "reload_config"]
 
 log = logging.getLogger("trisocks.server")
 
-RESTART_KEYS = ("listen", "db", "admin", "admin_token", "relay_engine", "log_format", "log_level")
+RESTART_KEYS = ("listen", "db", "admin", "admin_token", "admin_token_file", "relay_engine",
+                "log_format", "log_level")
 
 
 def reload_config(ctx: ServerContext) -> dict[str, Any]:
@@ -52,6 +54,7 @@ def reload_config(ctx: ServerContext) -> dict[str, Any]:
         log.warning("reload: %s changed; that takes a restart", ", ".join(restart))
     ctx.config = attrs.evolve(new, **{k: getattr(old, k) for k in RESTART_KEYS})
     ctx.guard.configure(ctx.config)
+    ctx.guard.read_local_addresses()
     ended = ctx.guard.revoke()
     ctx.stats.reloads["ok"] += 1
     log.info("reloaded config: %d rules (default %s); %d sessions ended",

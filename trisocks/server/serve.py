@@ -21,6 +21,7 @@ from trisocks.admin.revocation import CredentialWatcher
 from trisocks.auth import Authenticator
 from trisocks.config import Config
 from trisocks.fleet.backend import UserStore
+from trisocks.fleet.cache import CachedStore
 from trisocks.fleet.node import FleetNode, fleet_enabled
 from trisocks.server.common import format_sockaddr
 from trisocks.server.context import ServerContext
@@ -117,6 +118,8 @@ async def serve(
     """
     ctx = build_context(config, store)
     async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as root:
+        if isinstance(store, CachedStore):  # writes leave, others' writes arrive
+            root.start_soon(store.run)
         root.start_soon(ctx.accountant.run, config.accounting_flush_interval)
         await root.start(CredentialWatcher(ctx).run)
         await root.start(ctx.guard.run)  # quotas of live sessions

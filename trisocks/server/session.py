@@ -13,6 +13,7 @@ from typing import Any
 
 import trio
 
+from trisocks.logs import quote
 from trisocks.policy.rules import IP
 from trisocks.protocol import Command, Reply
 from trisocks.protocol.proxy import ProxyProtocolError
@@ -20,6 +21,7 @@ from trisocks.server.bind import handle_bind
 from trisocks.server.common import format_sockaddr, ip_of, send_reply
 from trisocks.server.connect import handle_connect
 from trisocks.server.context import ServerContext
+from trisocks.server.guard import HandshakeEvicted
 from trisocks.server.handshake import HandshakeFailed, handshake
 from trisocks.server.listeners import receive_proxy_header
 from trisocks.server.udp import handle_udp_associate
@@ -58,6 +60,9 @@ async def handle_client(stream: trio.SocketStream, ctx: ServerContext) -> None:
             ctx.stats.handshake_failures[exc.reason] += 1
             if exc.reason == "auth_failed":
                 ctx.guard.auth_result(ip, ok=False)
+            session.close_reason = str(exc)
+        except HandshakeEvicted as exc:  # counted under its cap in stats.limited as well
+            ctx.stats.handshake_failures["evicted"] += 1
             session.close_reason = str(exc)
         except trio.TooSlowError:
             ctx.stats.handshake_failures["timeout"] += 1
@@ -109,7 +114,7 @@ async def _proxied_peer(stream: trio.SocketStream, balancer: Any, ctx: ServerCon
 
 
 async def _serve(stream: trio.SocketStream, session: Session, ctx: ServerContext, ip: IP) -> None:
-    with ctx.guard.handshaking(), trio.fail_after(ctx.config.handshake_timeout):
+    with ctx.guard.handshaking(session, ip):  # the handshake timeout, and eviction
         request, leftover, client = await handshake(stream, session, ctx)
     if session.user is not None:
         ctx.guard.auth_result(ip, ok=True)
@@ -118,8 +123,8 @@ async def _serve(stream: trio.SocketStream, session: Session, ctx: ServerContext
     ctx.registry.notify("request", session)
     _, refusal = ctx.guard.open_request(session, ip, request)
     if refusal is not None:  # RFC 1928 §6: "connection not allowed by ruleset"
-        log.info("session %s: %s %s refused: %s", session.id, session.command, session.target,
-                 refusal)
+        log.info("session %s: %s %s refused: %s", session.id, session.command,
+                 quote(session.target), refusal)
         session.close_reason = refusal
         await send_reply(client, session, Reply.NOT_ALLOWED)
         return
@@ -144,16 +149,16 @@ def _log_session(ctx: ServerContext, session: Session, duration: float) -> None:
         ctx.stats.replies[session.reply] += 1
     ctx.access_log.info(
         "%s user=%s %s %s reply=%s rule=%s up=%d down=%d duration=%.3fs%s",
-        session.client,
-        session.user or "-",
-        session.command or "-",
-        session.target or "-",
+        quote(session.client),  # every value a client (or an operator) chose is quoted
+        quote(session.user),
+        quote(session.command),
+        quote(session.target),
         f"{session.reply:02x}" if session.reply is not None else "-",
-        session.rule or "-",
+        quote(session.rule),
         c.bytes_up,
         c.bytes_down,
         duration,
-        f" reason={session.close_reason!r}" if session.close_reason else "",
+        f" reason={quote(session.close_reason)}" if session.close_reason else "",
         extra={
             "session": {
                 "id": session.id,

@@ -6,7 +6,10 @@ Rules an association keeps:
    peer), and only from one port: DST.PORT when the request names it, otherwise the port of the
    first well-formed datagram. Everything else is dropped silently (counted in
    ``stats.udp_dropped``).
-2. Towards targets, one outbound socket per address family, made on first use. A datagram
+2. Towards targets, one outbound socket, made on first use: dual-stack (``AF_INET6`` with
+   ``IPV6_V6ONLY`` off; IPv4 targets are sent to as ``::ffff:a.b.c.d`` and such sources are
+   named as IPv4 again), so an association holds at most two UDP ports, this one and the one
+   facing the client (``Guard.reserve`` counts them against ``udp_sockets``). A datagram
    from a target comes back to the client only if the client has sent to that exact IP and
    port; its header names that source.
 3. FRAG ≠ 0 goes through one :class:`Reassembler`, whose timer runs on trio's clock: the queue
@@ -42,7 +45,6 @@ from trisocks.protocol import (
 )
 from trisocks.server.common import (
     ClientStream,
-    address_of,
     announced_address,
     ip_of,
     open_local_socket,
@@ -50,7 +52,7 @@ from trisocks.server.common import (
     watch_control,
 )
 from trisocks.server.context import ServerContext, Stats
-from trisocks.server.dial import lookup
+from trisocks.server.dial import literal, lookup, reach
 from trisocks.server.errors import reply_for
 from trisocks.sessions import Session
 
@@ -75,6 +77,10 @@ async def handle_udp_associate(
     ctx: ServerContext,
 ) -> None:
     """Serve a UDP ASSOCIATE request: reply with the relay's address, relay until the end."""
+    refusal = ctx.guard.reserve(session, "udp")  # held until the session ends
+    if refusal is not None:
+        await send_reply(stream, session, refusal)
+        return
     try:
         relay_socket = await open_local_socket(stream, socket.SOCK_DGRAM)
     except OSError as exc:
@@ -184,6 +190,23 @@ def sockaddr_for(address: Address) -> tuple[socket.AddressFamily, Any]:
     return socket.AF_INET, (address.host, address.port)
 
 
+async def _bound_udp_socket(family: socket.AddressFamily) -> trio.socket.SocketType:
+    """A UDP socket on every address, port 0; for ``AF_INET6`` dual-stack (IPv4 too).
+
+    Raises:
+        OSError: the socket cannot be made, made dual-stack or bound (then it is closed).
+    """
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        await sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 @attrs.define(eq=False)
 class Association:
     """One UDP association: its sockets, filters, queue and name cache."""
@@ -198,7 +221,7 @@ class Association:
     names: NameCache = attrs.Factory(NameCache)
     _targets: dict[Endpoint, None] = attrs.Factory(dict)
     """Rule 2's memory, oldest first (a dict keeps insertion order)."""
-    _outbound: dict[socket.AddressFamily, trio.socket.SocketType] = attrs.Factory(dict)
+    _outbound: trio.socket.SocketType | None = None
     _idle: trio.CancelScope = attrs.Factory(trio.CancelScope)
     _allowed: Callable[[str | None, Any, int], bool] = attrs.field(init=False)
     """The access rules, per datagram target (:meth:`Guard.datagram_check`)."""
@@ -269,6 +292,7 @@ class Association:
     async def _send_to_target(
         self, address: Address, data: bytes, nursery: trio.Nursery, sockets: contextlib.ExitStack
     ) -> None:
+        address = literal(address)  # a numeric name is its address, never looked up
         try:
             if address.atyp == AddressType.DOMAIN:
                 with trio.fail_after(self.ctx.config.connect_timeout):
@@ -283,8 +307,11 @@ class Association:
         if not self._allowed(host, ip_of(sockaddr[0]), address.port):
             self._drop("not_allowed")
             return
+        family, sockaddr = reach((family, sockaddr))  # the form judged too: 0.0.0.0 is 127.0.0.1
         try:
-            outbound = await self._outbound_socket(family, nursery, sockets)
+            outbound = await self._outbound_socket(nursery, sockets)
+            if outbound.family == socket.AF_INET6 and family == socket.AF_INET:
+                sockaddr = ("::ffff:" + sockaddr[0], sockaddr[1], 0, 0)
             await outbound.sendto(data, sockaddr)
         except OSError:
             self._drop("unreachable")
@@ -302,14 +329,22 @@ class Association:
         self._targets[key] = None
 
     async def _outbound_socket(
-        self, family: socket.AddressFamily, nursery: trio.Nursery, sockets: contextlib.ExitStack
+        self, nursery: trio.Nursery, sockets: contextlib.ExitStack
     ) -> trio.socket.SocketType:
-        """The socket for *family*, made (and its receive task started) on first use."""
-        outbound = self._outbound.get(family)
+        """The outbound socket, made (and its receive task started) on first use: dual-stack,
+        or IPv4 only on a host without IPv6 (then IPv6 targets are unreachable).
+
+        Raises:
+            OSError: no socket could be made or bound.
+        """
+        outbound = self._outbound
         if outbound is None:
-            outbound = sockets.enter_context(trio.socket.socket(family, socket.SOCK_DGRAM))
-            await outbound.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
-            self._outbound[family] = outbound
+            try:
+                outbound = await _bound_udp_socket(socket.AF_INET6)
+            except OSError:  # no IPv6 on this host
+                outbound = await _bound_udp_socket(socket.AF_INET)
+            sockets.enter_context(outbound)  # no checkpoint since it was made
+            self._outbound = outbound
             receive = functools.partial(self._from_targets, outbound)
             nursery.start_soon(self._until_failure, nursery, receive)
         return outbound
@@ -317,10 +352,11 @@ class Association:
     async def _from_targets(self, outbound: trio.socket.SocketType) -> None:
         while True:
             data, source = await outbound.recvfrom(MAX_DATAGRAM)
-            if (ip_of(source[0]), source[1]) not in self._targets:
+            ip = ip_of(source[0])  # an IPv4-mapped source is IPv4 again
+            if (ip, source[1]) not in self._targets:
                 self._drop("foreign_source")
                 continue
-            packet = encode_udp_header(address_of(source)) + data
+            packet = encode_udp_header(Address.of(str(ip), source[1])) + data
             try:
                 if self.gss is not None:
                     packet = self.gss.wrap_datagram(packet)
