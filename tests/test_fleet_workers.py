@@ -3,6 +3,7 @@ worker, stops them all on SIGTERM, and gives up (status 2) when their config can
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -116,3 +117,36 @@ def test_workers_stop_when_the_supervisor_dies(tmp_path: Path) -> None:
 
     assert len(workers) == 2
     wait_until(lambda: not any(map(running, workers)), "the orphaned workers to stop")
+
+
+def _socks5_connect_reply(port: int, target: tuple[str, int]) -> int:
+    """REP of a no-auth SOCKS5 CONNECT to the IPv4 *target* through 127.0.0.1:*port*."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"\x05\x01\x00")
+        assert sock.recv(2) == b"\x05\x00"
+        sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(target[0])
+                     + target[1].to_bytes(2, "big"))
+        reply = sock.recv(10)
+        assert reply[:1] == b"\x05", reply
+        return reply[1]
+
+
+def test_every_worker_denies_the_admin_endpoint(tmp_path: Path) -> None:
+    """Only worker 0 serves the admin API, but ``@admin`` is denied by all of them: the
+    kernel spreads these connections over both workers (SO_REUSEPORT hashes the client's
+    port), and each one is refused by the shipped admin-endpoint rule."""
+    port, admin = free_port(), free_port()
+    log = tmp_path / "serve.log"
+    argv = [sys.executable, "-m", "trisocks", "serve", "--listen", f"127.0.0.1:{port}",
+            "--admin", f"127.0.0.1:{admin}", "--auth", "none", "--db", str(tmp_path / "w.db"),
+            "--workers", "2"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: log.read_text().count("listening on") >= 2, "two workers")
+        replies = [_socks5_connect_reply(port, ("127.0.0.1", admin)) for _ in range(24)]
+        assert replies == [2] * 24
+        wait_until(lambda: log.read_text().count("rule=admin-endpoint") >= 24, "24 log lines")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]

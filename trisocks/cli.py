@@ -30,7 +30,7 @@ from trisocks.config import (
     load_file,
 )
 from trisocks.fleet.backend import UserStore, open_store
-from trisocks.fleet.workers import supervise, worker_config, worker_index
+from trisocks.fleet.workers import supervise, worker_index
 from trisocks.logs import escape_unprintable, setup_logging
 from trisocks.passwords import hash_password
 from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, check_limit, parse_size
@@ -234,7 +234,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if config.workers > 1 and worker_index() is None:
         _open_store(config.db).close()  # fail here, once; and migrate before workers race
         return supervise(config, args.argv)
-    config = worker_config(config)
     store = _open_store(config.db, serving=True)
     if "password" in config.auth and not store.users():
         print(
@@ -243,7 +242,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        trio.run(_run_until_signal, config, store, lambda: worker_config(read_config(args)))
+        trio.run(_run_until_signal, config, store, lambda: read_config(args))
     except (OSError, ExceptionGroup) as exc:
         if (error := _os_error(exc)) is None:
             raise

@@ -32,7 +32,7 @@ import trio
 
 from trisocks.config import Config
 
-__all__ = ["WORKER_ENV", "supervise", "worker_config", "worker_index"]
+__all__ = ["WORKER_ENV", "supervise", "worker_index"]
 
 log = logging.getLogger("trisocks.workers")
 
@@ -49,12 +49,6 @@ def worker_index() -> int | None:
     """This process's worker index, or ``None`` when it is not a worker."""
     value = os.environ.get(WORKER_ENV)
     return int(value) if value is not None else None
-
-
-def worker_config(config: Config) -> Config:
-    """A worker's config: the admin API only in worker 0 (one address, one answer)."""
-    index = worker_index()
-    return config if not index else attrs.evolve(config, admin=None)
 
 
 def supervise(config: Config, argv: list[str]) -> int:

@@ -23,6 +23,7 @@ from trisocks.config import Config
 from trisocks.fleet.backend import UserStore
 from trisocks.fleet.cache import CachedStore
 from trisocks.fleet.node import FleetNode, fleet_enabled
+from trisocks.fleet.workers import worker_index
 from trisocks.server.common import format_sockaddr
 from trisocks.server.context import ServerContext
 from trisocks.server.listeners import open_listeners
@@ -126,6 +127,10 @@ async def serve(
         if fleet_enabled(config):
             ctx.fleet = await trio.to_thread.run_sync(FleetNode.open, ctx)
             await root.start(ctx.fleet.run)
+        if config.admin is not None:  # @admin matches it before the first accept
+            infos = await trio.socket.getaddrinfo(config.admin.host, config.admin.port,
+                                                  type=socket.SOCK_STREAM)
+            ctx.admin_address = (str(infos[0][4][0]), config.admin.port)
         listeners: list[trio.SocketListener] = []
         for endpoint in config.listen:
             for listener in await open_listeners(endpoint, reuse_port=config.workers > 1):
@@ -156,7 +161,7 @@ async def serve(
 
 async def _start_admin(root: trio.Nursery, ctx: ServerContext) -> None:
     """The admin API joins the root nursery (see trisocks.admin); off when ``admin`` is None."""
-    if ctx.config.admin is None:
+    if ctx.config.admin is None or worker_index():  # worker 0 serves it for all
         return
     from trisocks.admin.server import serve_admin  # Hypercorn and Quart load only when used
 
