@@ -69,11 +69,12 @@ class Target:
     password: str | None = None
     pgid: int | None = None  # the proxy's process group, for CPU/memory readings
     notes: list[str] = field(default_factory=list)
+    proxy_type: str = "socks5"
 
     def loadgen_argv(self, mode: str, port: int, *options: str) -> list[str]:
         argv = [sys.executable, str(HERE / "loadgen.py"), mode, "--target", str(port), *options]
         if self.proxy:
-            argv += ["--proxy", self.proxy]
+            argv += ["--proxy", self.proxy, "--proxy-type", self.proxy_type]
         if self.user is not None:
             argv += ["--user", self.user, "--password", self.password or ""]
         return argv
@@ -156,7 +157,8 @@ def running(server: peers.Server, workdir: Path) -> Iterator[Target]:
         notes = list(launch.notes)
         if launch.check:
             notes.append(launch.check(proc.pid, sdir))
-        yield Target(f"127.0.0.1:{port}", launch.user, launch.password, proc.pid, notes)
+        yield Target(f"127.0.0.1:{port}", launch.user, launch.password, proc.pid, notes,
+                     server.proxy_type)
     finally:
         procs.stop(proc)
 

@@ -27,10 +27,12 @@ Every loop is bounded both by time and by a count.
 from __future__ import annotations
 
 import argparse
+import base64
 import ipaddress
 import json
 import resource
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -48,6 +50,20 @@ HOLD_WORKERS = 4
 
 class SocksError(Exception):
     pass
+
+
+_TLS: list[ssl.SSLContext] = []
+
+
+def tls_context() -> ssl.SSLContext:
+    """The client side of ``--proxy-type socks5-tls``: what TLS costs is measured, not trust
+    (the benchmark's certificate is a throwaway one), so the certificate is not checked."""
+    if not _TLS:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        _TLS.append(context)
+    return _TLS[0]
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -83,11 +99,37 @@ def socks5_connect(sock: socket.socket, port: int, user: str | None, password: s
     recv_exact(sock, addr_len + 2)
 
 
+def http_connect(sock: socket.socket, port: int, user: str | None, password: str | None) -> None:
+    """``CONNECT 127.0.0.1:port`` through an HTTP proxy (Basic auth with a user)."""
+    auth = ""
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        auth = f"Proxy-Authorization: Basic {token}\r\n"
+    target = f"{ORIGIN_HOST}:{port}"
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode())
+    while True:  # peek, then take exactly the head: what follows it is the tunnel's
+        seen = sock.recv(16384, socket.MSG_PEEK)
+        if not seen:
+            raise SocksError("HTTP proxy closed before its response head")
+        end = seen.find(b"\r\n\r\n")
+        if end >= 0:
+            head = recv_exact(sock, end + 4)
+            break
+        if len(seen) >= 16384:
+            raise SocksError("HTTP proxy response head too long")
+        time.sleep(0.0005)
+    status = head.split(b" ", 2)[1]
+    if status != b"200":
+        raise SocksError(f"CONNECT refused (HTTP {status.decode(errors='replace')})")
+
+
 class Client:
-    """How to reach the origin: through a SOCKS5 proxy, or directly."""
+    """How to reach the origin: through a SOCKS5 or HTTP proxy, or directly."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.proxy = args.proxy
+        self.connect = http_connect if args.proxy_type == "http" else socks5_connect
+        self.tls = args.proxy_type == "socks5-tls"
         self.user, self.password = args.user, args.password
         self.target = args.target
 
@@ -100,8 +142,10 @@ class Client:
         sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls:  # the handshake is part of connecting, as for a real client
+                sock = tls_context().wrap_socket(sock)
             if self.proxy:
-                socks5_connect(sock, self.target, self.user, self.password)
+                self.connect(sock, self.target, self.user, self.password)
         except BaseException:
             sock.close()
             raise
@@ -274,6 +318,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=MODES)
     parser.add_argument("--proxy", help="SOCKS5 server HOST:PORT; omit to go direct")
+    parser.add_argument("--proxy-type", choices=["socks5", "http", "socks5-tls"],
+                        default="socks5",
+                        help="how --proxy is spoken (http: CONNECT; socks5-tls: SOCKS5 inside "
+                             "TLS, the certificate not checked)")
     parser.add_argument("--user")
     parser.add_argument("--password")
     parser.add_argument("--target", type=int, required=True, help="origin port on 127.0.0.1")

@@ -43,6 +43,7 @@ class Server:
     name: str
     prepare: Callable[[int, Path], Launch] | None  # None: no server (direct to origin)
     missing: Callable[[], str | None] = lambda: None  # reason it cannot run, if any
+    proxy_type: str = "socks5"  # how the load generators speak to it (http: CONNECT)
 
 
 def _which(name: str) -> str | None:
@@ -189,6 +190,29 @@ def trisocks(port: int, workdir: Path) -> Launch:
     return Launch(argv, user, password, notes=notes)
 
 
+def trisocks_tls_missing() -> str | None:
+    if importlib.util.find_spec("trustme") is None:
+        return "trustme not installed (pip install trustme: the benchmark's certificate)"
+    return trisocks_missing()
+
+
+def trisocks_tls(port: int, workdir: Path) -> Launch:
+    """:func:`trisocks` on a ``tls://`` listener, with a certificate from a throwaway CA."""
+    import trustme
+
+    launch = trisocks(port, workdir)
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    cert_file, key_file = workdir / "tls-cert.pem", workdir / "tls-key.pem"
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key_file))
+    at = launch.argv.index("--listen") + 1
+    launch.argv[at] = f"tls://{launch.argv[at]}"
+    launch.argv += ["--tls-cert", str(cert_file), "--tls-key", str(key_file)]
+    launch.notes.append("SOCKS5 inside TLS (OpenSSL defaults, TLS 1.3 on loopback; the "
+                        "load generators do not check the certificate); copy engine")
+    return launch
+
+
 NO_PROXY = Server("no proxy", None)
 SERVERS = [
     NO_PROXY,
@@ -208,4 +232,7 @@ SERVERS = [
         ),
     ),
     Server("trisocks", trisocks, trisocks_missing),
+    Server("trisocks (HTTP CONNECT)", trisocks, trisocks_missing, proxy_type="http"),
+    Server("trisocks (SOCKS5 over TLS)", trisocks_tls, trisocks_tls_missing,
+           proxy_type="socks5-tls"),
 ]

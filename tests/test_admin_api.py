@@ -327,7 +327,8 @@ async def test_stats(admin_proxy: Proxy, api: httpx.AsyncClient, echo_server: Ec
             stats = (await api.get("/api/stats")).json()
     assert stats["sessions_active"] == 1 and stats["sessions_total"] == 1
     assert stats["sessions_by_state"]["relaying"] == 1
-    assert stats["sessions_by_command"] == {"CONNECT": 1, "BIND": 0, "UDP": 0}
+    assert stats["sessions_by_command"] == {"CONNECT": 1, "BIND": 0, "UDP": 0, "RESOLVE": 0,
+                                            "RESOLVE_PTR": 0}
     assert (stats["bytes_up"], stats["bytes_down"]) == (10, 10)
     assert stats["uptime"] >= 0
 

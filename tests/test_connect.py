@@ -7,7 +7,7 @@ import errno
 import hashlib
 import ipaddress
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -282,11 +282,21 @@ async def test_no_acceptable_method_is_ff(proxy: Proxy, greeting: bytes) -> None
     assert proxy.ctx.stats.handshake_failures["no_acceptable_method"] == 1
 
 
-async def test_wrong_version_closes_without_answer(proxy: Proxy) -> None:
+@pytest.mark.parametrize(
+    ("first", "protocols"),
+    [(b"\x06\x01\x00", ("socks5", "socks4", "http")),
+     (b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00", ("socks5", "http"))],  # SOCKS4, not enabled
+    ids=["version-6", "socks4-disabled"],
+)
+async def test_wrong_version_closes_without_answer(
+    start_proxy: Callable[..., Any], first: bytes, protocols: tuple[str, ...]
+) -> None:
+    proxy = await start_proxy(protocols=protocols)
     with trio.fail_after(5):
         stream = await proxy.open_raw()
-        await stream.send_all(b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00")  # a SOCKS4 request
+        await stream.send_all(first)
         await assert_closed(stream)
+    assert proxy.ctx.stats.handshake_failures["unknown_protocol"] == 1
 
 
 @pytest.mark.parametrize(

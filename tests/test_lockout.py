@@ -23,6 +23,7 @@ from tests.conftest import (
     eventually,
     have_ipv6,
     read_reply,
+    receive_exactly,
     socks_handshake,
 )
 from tests.test_bind import LOCALHOST4, bind_request
@@ -172,6 +173,18 @@ def test_in_flight_evicts_oldest(
     assert out == evicted
     assert sorted(item for _, item in steps if table.remove(item)) == left
     assert len(table) == 0 and table.count("a") == 0
+
+
+def test_progress_moves_a_handshake_behind_the_stalled_ones() -> None:
+    table: InFlight[int] = InFlight()
+    for item in (1, 2, 3):
+        assert table.add(item, "a", key_cap=3, cap=None) == []
+    table.touch(1)  # 1 got a message: 2 and 3 have made no progress since
+    assert table.add(4, "a", key_cap=3, cap=None) == [(2, "key")]
+    assert table.add(5, "a", key_cap=3, cap=None) == [(3, "key")]
+    assert table.add(6, "a", key_cap=3, cap=None) == [(1, "key")]
+    table.touch(99)  # not in (evicted already): nothing happens
+    assert len(table) == 3
 
 
 def test_ipv6_clients_are_grouped_by_64() -> None:
@@ -331,3 +344,35 @@ async def test_association_holds_two_udp_ports_for_ipv4_and_ipv6_targets(
                 assert udp_sockets_of_this_process() == before + 2
         await eventually(lambda: len(proxy.ctx.registry) == 0)
         assert udp_sockets_of_this_process() == before
+
+
+async def test_a_handshake_waiting_on_a_password_check_is_not_evicted(
+    start_proxy: Any,
+) -> None:
+    """While the server checks a password the handshake waits on us, not on its client: it
+    holds no slot, so a flood from its own address arriving meanwhile evicts only stalled
+    handshakes, never it. Here the check is held open until the cap has been refilled twice."""
+    proxy = await start_proxy(max_handshakes_per_client=4)
+    checking, release = trio.Event(), trio.Event()
+    real_check = proxy.ctx.authenticator.check
+
+    async def slow_check(user: bytes, password: bytes) -> Any:
+        checking.set()
+        await release.wait()
+        return await real_check(user, password)
+
+    proxy.ctx.authenticator.check = slow_check  # type: ignore[method-assign]
+    u, p = USER.encode(), PASSWORD.encode()
+    async with await proxy.open_raw() as good:
+        await good.send_all(b"\x05\x01\x02")
+        assert await receive_exactly(good, 2) == b"\x05\x02"
+        await good.send_all(bytes([1, len(u)]) + u + bytes([len(p)]) + p)
+        await checking.wait()
+        stalled = [await proxy.open_raw() for _ in range(8)]  # twice the cap, all stalled
+        await eventually(lambda: proxy.ctx.stats.limited["max_handshakes_per_client"] >= 4)
+        release.set()
+        assert await receive_exactly(good, 2) == b"\x01\x00"
+        await good.send_all(connect_request("127.0.0.1", 9))
+        assert (await read_reply(good))[0] in (0, 5)  # served: a reply, not an eviction
+        for stream in stalled:
+            await stream.aclose()

@@ -139,7 +139,8 @@ def test_access_line_is_one_line_and_reads_back(field: str, value: str) -> None:
            "close_reason": keyed.get("reason")}
     assert got[field] == value
     assert [k for k, _ in fields] == [None, "user", None, None, "reply", "rule", "up", "down",
-                                      "duration", *(["reason"] if "reason" in keyed else [])]
+                                      "duration", "protocol",
+                                      *(["reason"] if "reason" in keyed else [])]
 
 
 client_text = st.text(st.characters(blacklist_categories=()), max_size=40)

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trisocks.protocol import (
+    ALL_COMMANDS,
     Address,
     AddressType,
     AddressTypeNotSupported,
@@ -281,10 +282,10 @@ def test_request_round_trip_and_any_split(
     command: Command, address: Address, trailing: bytes, data: st.DataObject
 ) -> None:
     wire = encode_request(command, address)
-    request, used = parse_request(wire + trailing)
+    request, used = parse_request(wire + trailing, ALL_COMMANDS)
     assert (request.command, request.address, used) == (command, address, len(wire))
     cut = data.draw(st.integers(0, len(wire) - 1))
-    assert parse_request(wire[:cut]) is None
+    assert parse_request(wire[:cut], ALL_COMMANDS) is None
 
 
 @given(st.integers(0, 255), addresses)

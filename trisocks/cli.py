@@ -41,10 +41,12 @@ __all__ = ["main"]
 
 # Help for every config key; each is also a flag of ``trisocks serve``.
 SERVE_HELP: dict[str, tuple[str, str]] = {
-    "listen": ("HOST:PORT", "SOCKS listener; repeat for more; IPv6 as [::1]:1080 "
-               "(default 127.0.0.1:1080)"),
+    "listen": ("HOST:PORT", "SOCKS listener; repeat for more; IPv6 as [::1]:1080; "
+               "tls://HOST:PORT for one inside TLS (default 127.0.0.1:1080)"),
     "auth": ("METHODS", "comma list of methods to offer, in order of preference: "
              "password, gssapi, none (default password)"),
+    "protocols": ("LIST", "comma list of what every listener serves, told apart by the first "
+                  "byte: socks5, socks4, http (default socks5,socks4,http)"),
     "db": ("PATH|URL", "SQLite file for users and accounting, or postgresql://... shared by "
            f"a fleet of instances (default {default_db_path()})"),
     "allow_open_proxy": ("", "allow auth 'none' on a non-loopback listener"),
@@ -107,6 +109,10 @@ SERVE_HELP: dict[str, tuple[str, str]] = {
                 "crash; the admin API runs in the first (default 1)"),
     "proxy_protocol": ("", "listeners expect a PROXY protocol v1/v2 header (HAProxy "
                        "send-proxy/send-proxy-v2) and refuse connections without one"),
+    "tls_cert": ("FILE", "PEM certificate chain of tls:// listeners; re-read on reload"),
+    "tls_key": ("FILE", "PEM private key of tls:// listeners; re-read on reload"),
+    "tls_client_ca": ("FILE", "PEM CA bundle: TLS clients must present a certificate it "
+                      "verifies, and its subject CN is the user, no password (default off)"),
 }
 assert SERVE_HELP.keys() == KEYS.keys(), "every config key needs a flag"
 

@@ -39,11 +39,17 @@ class Endpoint:
 
     host: str
     port: int
+    tls: bool = False
+    """A TLS listener (``tls://HOST:PORT`` in ``listen``): every protocol inside TLS."""
 
     @classmethod
     def parse(cls, text: str, *, key: str = "listen") -> Endpoint:
         """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces is never implied:
-        an empty host means 127.0.0.1)."""
+        an empty host means 127.0.0.1); in ``listen``, ``tls://`` in front makes a TLS
+        listener."""
+        tls = key == "listen" and text.startswith("tls://")
+        if tls:
+            text = text.removeprefix("tls://")
         host, sep, port_text = text.rpartition(":")
         if not sep:
             raise ConfigError(f"{key}: {text!r} is not HOST:PORT")
@@ -59,7 +65,7 @@ class Endpoint:
             raise ConfigError(f"{key}: port {port_text!r} is not a number") from None
         if not 0 <= port <= 65535:
             raise ConfigError(f"{key}: port {port} is out of range 0..65535")
-        return cls(host or "127.0.0.1", port)
+        return cls(host or "127.0.0.1", port, tls)
 
     @property
     def is_loopback(self) -> bool:
@@ -71,7 +77,8 @@ class Endpoint:
             return False
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"tls://{address}" if self.tls else address
 
 
 AUTH_METHODS = ("none", "password", "gssapi")
@@ -96,6 +103,8 @@ class Config:
     auth: tuple[str, ...] = ("password",)
     """Methods offered, in the server's order of preference: ``none``, ``password``,
     ``gssapi``."""
+    protocols: tuple[str, ...] = ("socks5", "socks4", "http")
+    """What every listener serves, told apart by the first byte (docs/protocols.md)."""
     db: Path | str = attrs.field(factory=default_db_path)
     """SQLite file with users and accounting, or a ``postgresql://`` URL: then users,
     accounting and live sessions are shared by every instance on it (:mod:`trisocks.fleet`)."""
@@ -186,6 +195,13 @@ class Config:
     proxy_protocol: bool = False
     """SOCKS listeners expect a PROXY protocol v1/v2 header (HAProxy ``send-proxy-v2``) and
     refuse connections without one."""
+    tls_cert: Path | None = None
+    """PEM certificate chain of ``tls://`` listeners (re-read on reload)."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls://`` listeners (re-read on reload)."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: when set, TLS clients must present a certificate it verifies; the
+    certificate's subject CN is the session's user, with no password."""
 
 
 def _positive(key: str, value: Any) -> float:
@@ -235,6 +251,22 @@ def _auth(key: str, value: Any) -> tuple[str, ...]:
     if len(set(methods)) != len(methods):
         raise ConfigError(f"{key}: a method is listed twice")
     return methods
+
+
+PROTOCOLS = ("socks5", "socks4", "http")
+
+
+def _protocols(key: str, value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError(f"{key}: expected a list of protocols")
+    names = tuple(str(item).strip().lower() for item in items)
+    for name in names:
+        if name not in PROTOCOLS:
+            raise ConfigError(f"{key}: unknown protocol {name!r} (known: {', '.join(PROTOCOLS)})")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{key}: a protocol is listed twice")
+    return names
 
 
 def _gss_level(key: str, value: Any) -> tuple[int, ...]:
@@ -353,6 +385,7 @@ def _reassembly(key: str, value: Any) -> float:
 KEYS: Mapping[str, Any] = {
     "listen": _listen,
     "auth": _auth,
+    "protocols": _protocols,
     "db": _db,
     "allow_open_proxy": _bool,
     "handshake_timeout": _positive,
@@ -391,6 +424,9 @@ KEYS: Mapping[str, Any] = {
     "max_session_duration": _optional_positive,
     "workers": _count,
     "proxy_protocol": _bool,
+    "tls_cert": _path,
+    "tls_key": _path,
+    "tls_client_ca": _path,
 }
 """Every config key with its converter: ``converter(key, raw_value) -> value``."""
 
@@ -499,6 +535,7 @@ def _check(config: Config) -> None:
     missing = groups_used(config.rules) - {name for name, _ in config.groups}
     if missing:
         raise ConfigError(f"rules: group @{sorted(missing)[0]} is not defined in groups")
+    _check_tls(config)
     if config.workers > 1 and any(e.port == 0 for e in (*config.listen, config.admin) if e):
         raise ConfigError("workers: port 0 would give every worker its own port; "
                           "give the listen and admin ports")
@@ -509,3 +546,17 @@ def _check(config: Config) -> None:
                 f"auth: 'none' on non-loopback listener {', '.join(exposed)} makes an open proxy; "
                 "use password auth or pass --allow-open-proxy"
             )
+
+
+def _check_tls(config: Config) -> None:
+    tls = [str(e) for e in config.listen if e.tls]
+    if tls and (config.tls_cert is None or config.tls_key is None):
+        raise ConfigError(f"listen: TLS listener {tls[0]} needs tls_cert and tls_key")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("tls_cert: give tls_cert and tls_key together")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ConfigError("tls_client_ca: client certificates need tls_cert and tls_key")
+    if config.tls_cert is not None:
+        from trisocks.tls import server_context  # loads (and so checks) the files
+
+        server_context(config)

@@ -22,7 +22,9 @@ import trio
 __all__ = ["Session", "SessionRegistry"]
 
 STATES = ("handshake", "connecting", "relaying", "closing")
-COMMAND_NAMES = {1: "CONNECT", 2: "BIND", 3: "UDP"}
+COMMAND_NAMES = {1: "CONNECT", 2: "BIND", 3: "UDP", 0xF0: "RESOLVE", 0xF1: "RESOLVE_PTR"}
+PROTOCOLS = ("socks5", "socks4", "http-connect", "http")
+"""What :attr:`Session.protocol` may be."""
 
 
 @attrs.define(eq=False)
@@ -57,6 +59,12 @@ class Session:
     close_reason: str | None = None
     rule: str | None = None
     """Id of the access rule that decided the request (``default`` when none matched)."""
+    protocol: str = "socks5"
+    """How the client spoke: one of :data:`PROTOCOLS`."""
+    tls: bool = False
+    """The client connection is TLS (a ``tls://`` listener)."""
+    userid: str | None = None
+    """SOCKS4's USERID field, as sent (not authenticated: SOCKS4 has no password)."""
     instance: str | None = None
     """The fleet instance serving it (:mod:`trisocks.fleet`); ``None`` outside a fleet."""
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)

@@ -79,6 +79,9 @@ class ProxyCollector:
         up, down = relayed_bytes(ctx)
         yield _counter("trisocks_bytes", "Payload bytes relayed (up: client to target).",
                        ["direction"], {"up": up, "down": down})
+        yield _counter("trisocks_sessions_by_protocol",
+                       "Sessions ended, by the protocol the client spoke.", ["protocol"],
+                       dict(stats.protocols))
         yield _counter("trisocks_handshake_failures", "Handshakes that failed, by reason.",
                        ["reason"], dict(stats.handshake_failures))
         yield _counter("trisocks_udp_datagrams_dropped", "UDP datagrams dropped, by reason.",

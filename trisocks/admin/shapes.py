@@ -32,6 +32,8 @@ def session_json(session: Session) -> dict[str, Any]:
         "command": session.command,
         "target": session.target,
         "resolved": session.resolved,
+        "protocol": session.protocol,
+        "tls": session.tls,
         "state": session.state,
         "started_at": iso_time(session.started_at),
         "bytes_up": c.bytes_up,

@@ -49,10 +49,15 @@ MIGRATIONS = (
         PRIMARY KEY (instance, id)
     )
     """,
+    # 2: how the client spoke (docs/protocols.md), and whether over TLS
+    """
+    ALTER TABLE fleet_sessions ADD COLUMN protocol TEXT NOT NULL DEFAULT 'socks5';
+    ALTER TABLE fleet_sessions ADD COLUMN tls INTEGER NOT NULL DEFAULT 0
+    """,
 )
 
 _COLUMNS = ("instance, id, client, username, command, target, resolved, state, started_at, "
-            "bytes_up, bytes_down, datagrams_up, datagrams_down")
+            "bytes_up, bytes_down, datagrams_up, datagrams_down, protocol, tls")
 
 
 _SESSION_COLUMNS = ", ".join(f"s.{c.strip()}" for c in _COLUMNS.split(","))
@@ -85,12 +90,16 @@ class SessionRow:
     bytes_down: int
     datagrams_up: int
     datagrams_down: int
+    protocol: str = "socks5"
+    tls: int = 0
+    """1 for a TLS session (an integer: one SQL type for SQLite and PostgreSQL)."""
 
     @classmethod
     def of(cls, instance: str, s: Session) -> SessionRow:
         c = s.counters
         return cls(instance, s.id, s.client, s.user, s.command, s.target, s.resolved, s.state,
-                   s.started_at, c.bytes_up, c.bytes_down, c.datagrams_up, c.datagrams_down)
+                   s.started_at, c.bytes_up, c.bytes_down, c.datagrams_up, c.datagrams_down,
+                   s.protocol, int(s.tls))
 
     def to_session(self) -> Session:
         """A detached :class:`Session` with these values, so the admin API's filters and
@@ -99,7 +108,7 @@ class SessionRow:
         return Session(
             self.id, self.client, started_at=self.started_at, user=self.user,
             command=self.command, target=self.target, resolved=self.resolved, state=self.state,
-            instance=self.instance,
+            instance=self.instance, protocol=self.protocol, tls=bool(self.tls),
             counters=Counters(self.bytes_up, self.bytes_down, self.datagrams_up,
                               self.datagrams_down),
         )
@@ -128,7 +137,7 @@ class Directory:
             cur.execute_many("DELETE FROM fleet_instances WHERE instance = ?",
                              [(gone,) for gone in stale])
             cur.execute_many(
-                f"INSERT INTO fleet_sessions ({_COLUMNS}) VALUES ({', '.join('?' * 13)})",
+                f"INSERT INTO fleet_sessions ({_COLUMNS}) VALUES ({', '.join('?' * 15)})",
                 [attrs.astuple(row) for row in sessions],
             )
 

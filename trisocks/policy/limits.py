@@ -198,6 +198,12 @@ class InFlight(Generic[T]):
         self._by_key.setdefault(key, collections.OrderedDict())[item] = None
         return evicted
 
+    def touch(self, item: T) -> None:
+        """*item* made progress: it becomes the newest (the last to be evicted)."""
+        if item in self._all:
+            self._all.move_to_end(item)
+            self._by_key[self._all[item]].move_to_end(item)
+
     def remove(self, item: T) -> bool:
         """Take *item* out; ``False`` if it was not in (already evicted)."""
         if item not in self._all:

@@ -52,7 +52,8 @@ __all__ = [
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-COMMANDS = ("connect", "bind", "udp")
+COMMANDS = ("connect", "bind", "udp", "resolve")
+"""``resolve``: Tor's RESOLVE and RESOLVE_PTR (docs/protocols.md)."""
 ADMIN = "@admin"
 """The ``to`` entry that stands for the admin endpoint, wherever it listens."""
 LOCAL = "@local"
@@ -80,7 +81,7 @@ class Query:
     client: IP
     user: str | None
     command: str
-    """``connect``, ``bind`` or ``udp``."""
+    """``connect``, ``bind``, ``udp`` or ``resolve``."""
     host: str | None
     """The name the client asked for; ``None`` when it sent an address."""
     ip: IP | None

@@ -21,6 +21,8 @@ from trisocks.protocol.errors import (
     SocksError,
 )
 from trisocks.protocol.socks5 import (
+    ALL_COMMANDS,
+    RFC_COMMANDS,
     Address,
     AddressType,
     Command,
@@ -47,6 +49,8 @@ from trisocks.protocol.udp import (
 )
 
 __all__ = [
+    "ALL_COMMANDS",
+    "RFC_COMMANDS",
     "Address",
     "AddressType",
     "AddressTypeNotSupported",

@@ -21,6 +21,8 @@ from trisocks.protocol.errors import (
 )
 
 __all__ = [
+    "ALL_COMMANDS",
+    "RFC_COMMANDS",
     "Address",
     "AddressType",
     "Command",
@@ -54,11 +56,21 @@ class Method(enum.IntEnum):
 
 
 class Command(enum.IntEnum):
-    """CMD values (RFC 1928 §4)."""
+    """CMD values (RFC 1928 §4), and Tor's two (socks-extensions.txt)."""
 
     CONNECT = 0x01
     BIND = 0x02
     UDP_ASSOCIATE = 0x03
+    RESOLVE = 0xF0
+    """Tor: resolve DST.ADDR (a domain); the reply's BND.ADDR is the address."""
+    RESOLVE_PTR = 0xF1
+    """Tor: reverse-resolve DST.ADDR (an IP); the reply's BND.ADDR is the name."""
+
+
+RFC_COMMANDS = frozenset({Command.CONNECT, Command.BIND, Command.UDP_ASSOCIATE})
+"""What RFC 1928 defines: all :func:`parse_request` accepts unless told more."""
+ALL_COMMANDS = frozenset(Command)
+"""RFC 1928's commands and Tor's RESOLVE and RESOLVE_PTR."""
 
 
 class AddressType(enum.IntEnum):
@@ -209,9 +221,13 @@ class Request:
     address: Address
 
 
-def parse_request(buf: bytes | bytearray) -> tuple[Request, int] | None:
+def parse_request(
+    buf: bytes | bytearray, commands: frozenset[Command] = RFC_COMMANDS
+) -> tuple[Request, int] | None:
     """Parse a request. The command is checked last, so that REP 07 only answers requests
-    that are otherwise well formed."""
+    that are otherwise well formed; a command outside *commands* (by default RFC 1928's
+    three; pass :data:`ALL_COMMANDS` for Tor's RESOLVE and RESOLVE_PTR too) is not
+    supported."""
     if len(buf) < 4:
         if buf and buf[0] != VERSION:
             raise MalformedMessage(f"request with version {buf[0]}")
@@ -225,12 +241,9 @@ def parse_request(buf: bytes | bytearray) -> tuple[Request, int] | None:
     if parsed is None:
         return None
     address, end = parsed
-    if command not in _COMMANDS:
+    if command not in commands:
         raise CommandNotSupported(f"unknown command {command:#04x}")
     return Request(Command(command), address), end
-
-
-_COMMANDS = frozenset(int(c) for c in Command)
 
 
 def encode_request(command: Command, address: Address) -> bytes:

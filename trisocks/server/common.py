@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from trisocks.gss.stream import GssStream, relay_gss
 from trisocks.protocol import Address, Reply, encode_reply
+from trisocks.protocol.socks4 import encode_socks4_reply
 from trisocks.server import quickio
 from trisocks.server.relay import relay
 from trisocks.sessions import Session
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTROL_BUFFER_LIMIT",
+    "REPLY_ENCODERS",
     "ClientStream",
     "address_of",
     "announced_address",
@@ -27,15 +30,28 @@ __all__ = [
     "open_local_socket",
     "relay_session",
     "send_reply",
+    "socket_of",
     "watch_control",
 ]
 
 CONTROL_BUFFER_LIMIT = 64 * 1024
 """Bytes :func:`watch_control` keeps for later; beyond it, TCP flow control holds the rest."""
 
-ClientStream = trio.SocketStream | GssStream
-"""The client connection as handlers see it: plain, or wrapped after GSSAPI (RFC 1961). Both
-have ``socket`` for addresses; only a plain one can be relayed by file descriptor."""
+ClientStream = trio.SocketStream | GssStream | trio.SSLStream[trio.SocketStream]
+"""The client connection as handlers see it: plain, wrapped after GSSAPI (RFC 1961), or inside
+TLS (a TLS listener). :func:`socket_of` gives the socket under any of them, for addresses;
+only a plain one can be relayed by file descriptor."""
+
+
+def socket_of(stream: object) -> trio.socket.SocketType:
+    """The socket under a client stream: its own, or its transport's (``transport_stream`` of
+    a :class:`trio.SSLStream`, and so on down through wrappers)."""
+    for _ in range(8):  # wrappers do not nest deeper than a few levels
+        sock = getattr(stream, "socket", None)
+        if sock is not None:
+            return sock  # type: ignore[no-any-return]
+        stream = getattr(stream, "transport_stream", None) or getattr(stream, "stream", None)
+    raise TypeError("not a stream over a socket")
 
 
 def address_of(sockaddr: Any) -> Address:
@@ -48,12 +64,26 @@ def format_sockaddr(sockaddr: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _socks4_reply(reply: Reply, bound: Address | None) -> bytes:
+    return encode_socks4_reply(reply == Reply.SUCCEEDED, bound)
+
+
+REPLY_ENCODERS: dict[str, Callable[[Reply, Address | None], bytes]] = {
+    "socks5": encode_reply,
+    "socks4": _socks4_reply,
+}
+"""How a reply goes on the wire, by :attr:`Session.protocol`: the handlers (CONNECT, BIND,
+RESOLVE) are shared and speak in RFC 1928 codes; SOCKS4 turns success into 5A and every
+failure into 5B."""
+
+
 async def send_reply(
     stream: ClientStream, session: Session, reply: Reply, bound: Address | None = None
 ) -> None:
-    """Send a reply and remember it as the session's outcome."""
+    """Send a reply in the session's protocol and remember it as the session's outcome (as
+    an RFC 1928 code, whatever the protocol: it says more than SOCKS4's 5B)."""
     session.reply = reply
-    await quickio.send(stream, encode_reply(reply, bound))
+    await quickio.send(stream, REPLY_ENCODERS[session.protocol](reply, bound))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -78,8 +108,8 @@ async def open_local_socket(stream: ClientStream, type: int) -> trio.socket.Sock
     Raises:
         OSError: the socket cannot be created or bound.
     """
-    sockname = stream.socket.getsockname()
-    sock = trio.socket.socket(stream.socket.family, type)
+    sockname = socket_of(stream).getsockname()
+    sock = trio.socket.socket(socket_of(stream).family, type)
     try:
         await sock.bind((sockname[0], 0, *sockname[2:]))
     except BaseException:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,11 @@ class Stats:
     started_at: float = attrs.field(factory=trio.current_time)
     handshake_failures: collections.Counter[str] = attrs.field(factory=collections.Counter)
     """By reason: timeout, evicted, bad_version, no_acceptable_method, auth_failed, malformed,
-    eof."""
+    eof, unknown_protocol (the first byte starts no enabled protocol), auth_required (SOCKS4
+    where a password is required), tls (a TLS listener's handshake failed, or the client
+    spoke no TLS)."""
+    protocols: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """Ended sessions by protocol: socks5, socks4, http-connect, http."""
     replies: collections.Counter[int] = attrs.field(factory=collections.Counter)
     """Final REP codes sent."""
     udp_dropped: collections.Counter[str] = attrs.field(factory=collections.Counter)
@@ -75,6 +80,9 @@ class ServerContext:
     """Re-reads the config file and flags (set by the CLI); ``None``: nothing to reload."""
     fleet: FleetNode | None = None
     """This instance's part in a fleet (:mod:`trisocks.fleet.node`); ``None`` when alone."""
+    tls_context: ssl.SSLContext | None = None
+    """What new TLS handshakes use (:mod:`trisocks.tls`); replaced on reload, while live
+    sessions keep the one they started with."""
     guard: Guard = attrs.field(init=False)
     """Access rules, limits and quotas (:mod:`trisocks.server.guard`)."""
 

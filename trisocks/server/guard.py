@@ -25,6 +25,7 @@ Refusals are counted in ``stats.limited`` (by limit) and ``stats.denied`` (by ru
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -45,7 +46,7 @@ from trisocks.policy.limits import (
 )
 from trisocks.policy.quotas import UserLimits, quota_exceeded, usage
 from trisocks.policy.rules import IP, Decision, Query, RuleSet
-from trisocks.protocol import AddressType, Reply, Request
+from trisocks.protocol import AddressType, Command, Reply, Request
 from trisocks.server.common import ip_of
 from trisocks.server.dial import literal
 from trisocks.server.relay import Throttle
@@ -85,8 +86,13 @@ def _bucket(rate: int | None) -> TokenBucket | None:
     return None if rate is None else TokenBucket(rate, max(1.0, rate * BURST_SECONDS))
 
 
+_RULE_COMMANDS = {Command.CONNECT: "connect", Command.BIND: "bind", Command.UDP_ASSOCIATE: "udp",
+                  Command.RESOLVE: "resolve", Command.RESOLVE_PTR: "resolve"}
+
+
 def command_of(request: Request) -> str:
-    return ("connect", "bind", "udp")[request.command - 1]
+    """The request's command as the rules name it."""
+    return _RULE_COMMANDS[request.command]
 
 
 UDP_SOCKETS_PER_ASSOCIATION = 2
@@ -117,8 +123,16 @@ class _Handshake:
 
     session: Session
     scope: trio.CancelScope
+    group: object
+    """Its client group (:func:`client_group`)."""
     evicted: str | None = None
     """The cap it was evicted for."""
+
+
+_CURRENT: contextvars.ContextVar[_Handshake | None] = contextvars.ContextVar(
+    "trisocks_handshake", default=None
+)
+"""The handshake the current task is in (:meth:`Guard.handshaking`)."""
 
 
 class Guard:
@@ -220,7 +234,57 @@ class Guard:
         """
         config = self._ctx.config
         group = client_group(ip)
-        entry = _Handshake(session, trio.CancelScope())
+        entry = _Handshake(session, trio.CancelScope(), group)
+        self._enter(entry)
+        load = len(self._handshakes) / config.max_handshakes
+        if config.max_handshakes_per_client:
+            load = max(load, self._handshakes.count(group) / config.max_handshakes_per_client)
+        entry.scope.deadline = trio.current_time() + pressure_timeout(
+            config.handshake_timeout, load
+        )
+        token = _CURRENT.set(entry)
+        try:
+            with entry.scope:
+                yield
+        finally:
+            _CURRENT.reset(token)
+            self._handshakes.remove(entry)
+            if self._crowded:  # an episode ends under half the cap
+                if self._handshakes.count(group) * 2 < (config.max_handshakes_per_client or 1):
+                    self._crowded.discard(group)
+                if len(self._handshakes) * 2 < config.max_handshakes:
+                    self._crowded.discard(None)
+        if entry.scope.cancelled_caught:
+            if entry.evicted is not None:
+                raise HandshakeEvicted(entry.evicted)
+            raise trio.TooSlowError
+
+    def progress(self) -> None:
+        """The current handshake got a whole message: it is not stalled, so it moves behind
+        every handshake that has made no progress since (evicted after them)."""
+        entry = _CURRENT.get()
+        if entry is not None:
+            self._handshakes.touch(entry)
+
+    @contextlib.contextmanager
+    def server_work(self) -> Iterator[None]:
+        """The current handshake waits on us (a password check), not on its client: it is not
+        stalled, so it holds no slot and cannot be evicted meanwhile; it comes back as the
+        newest (it made progress)."""
+        entry = _CURRENT.get()
+        if entry is None or not self._handshakes.remove(entry):
+            yield
+            return
+        try:
+            yield
+        finally:
+            if not entry.scope.cancel_called:
+                self._enter(entry)
+
+    def _enter(self, entry: _Handshake) -> None:
+        """Put *entry* in its slots, evicting the oldest stalled handshakes over a cap."""
+        config = self._ctx.config
+        group = entry.group
         evicted = self._handshakes.add(
             entry, group, key_cap=config.max_handshakes_per_client, cap=config.max_handshakes
         )
@@ -234,26 +298,6 @@ class Guard:
             self._ctx.stats.limited[limit] += 1
             old.evicted = limit
             old.scope.cancel()
-        load = len(self._handshakes) / config.max_handshakes
-        if config.max_handshakes_per_client:
-            load = max(load, self._handshakes.count(group) / config.max_handshakes_per_client)
-        entry.scope.deadline = trio.current_time() + pressure_timeout(
-            config.handshake_timeout, load
-        )
-        try:
-            with entry.scope:
-                yield
-        finally:
-            self._handshakes.remove(entry)
-            if self._crowded:  # an episode ends under half the cap
-                if self._handshakes.count(group) * 2 < (config.max_handshakes_per_client or 1):
-                    self._crowded.discard(group)
-                if len(self._handshakes) * 2 < config.max_handshakes:
-                    self._crowded.discard(None)
-        if entry.scope.cancelled_caught:
-            if entry.evicted is not None:
-                raise HandshakeEvicted(entry.evicted)
-            raise trio.TooSlowError
 
     def _exempt(self, ip: IP) -> bool:
         return any(ip in network for network in self._ctx.config.auth_backoff_exempt)
@@ -439,6 +483,11 @@ class Guard:
                 if rate.sessions <= 0:
                     del self._rates[session.user]
 
+    def end_request(self, session: Session) -> None:
+        """Give back what :meth:`open_request` holds for *session* before it judges the
+        session's next request (HTTP keep-alive); the session's end does it otherwise."""
+        self._on_event("end", session)
+
     # --- 3. while relaying -------------------------------------------------------------------
 
     def throttles(self, session: Session) -> tuple[Throttle | None, Throttle | None]:
@@ -502,7 +551,8 @@ class Guard:
                 reason = "reload: user removed"
             else:
                 ip = ip_of(session.resolved.rpartition(":")[0].strip("[]")) \
-                    if session.resolved and session.command != "UDP" else query.ip
+                    if session.resolved and session.command not in ("UDP", "RESOLVE_PTR") \
+                    else query.ip  # RESOLVE_PTR's resolved is a name
                 decision = self.ruleset.decide(attrs.evolve(query, ip=ip))
                 if decision is not None and not decision.allowed:
                     reason = f"reload: denied by rule {decision.rule_id}"

@@ -14,6 +14,7 @@ from typing import TypeVar
 import trio
 
 from trisocks.protocol import (
+    ALL_COMMANDS,
     AddressTypeNotSupported,
     AuthFailed,
     BadVersion,
@@ -35,7 +36,7 @@ from trisocks.server.context import ServerContext
 from trisocks.server.gssapi import GssAuthFailed, accept_gssapi
 from trisocks.sessions import Session
 
-__all__ = ["HandshakeFailed", "handshake"]
+__all__ = ["HandshakeFailed", "handshake", "read_message"]
 
 T = TypeVar("T")
 
@@ -76,6 +77,14 @@ async def _read(
         buf += data
 
 
+read_message = _read
+"""Read one message with an incremental parser (SOCKS4's request, too)."""
+
+
+def _parse_request(buf: bytearray) -> tuple[Request, int] | None:
+    return parse_request(buf, ALL_COMMANDS)  # Tor's RESOLVE and RESOLVE_PTR too
+
+
 async def handshake(
     stream: trio.SocketStream, session: Session, ctx: ServerContext
 ) -> tuple[Request, bytes, ClientStream]:
@@ -88,17 +97,21 @@ async def handshake(
         greeting = await _read(stream, buf, parse_greeting)
     except BadVersion as exc:
         raise HandshakeFailed("bad_version", str(exc)) from None
+    ctx.guard.progress()
     method = next(
         (METHOD_OF[m] for m in ctx.config.auth if METHOD_OF[m] in greeting.methods),
         Method.NO_ACCEPTABLE,
     )
+    if session.user is not None and Method.NO_AUTH in greeting.methods:
+        method = Method.NO_AUTH  # identified already (a TLS client certificate): no password
     await quickio.send(stream, encode_method_selection(method))
     if method == Method.NO_ACCEPTABLE:
         raise HandshakeFailed("no_acceptable_method", f"client offered {list(greeting.methods)}")
     if method == Method.USERNAME_PASSWORD:
         try:
             credentials = await _read(stream, buf, parse_auth_request)
-            user = await ctx.authenticator.check(credentials.username, credentials.password)
+            with ctx.guard.server_work():  # not stalled: not evictable meanwhile
+                user = await ctx.authenticator.check(credentials.username, credentials.password)
         except AuthFailed as exc:
             await quickio.send(stream, encode_auth_response(False))
             raise HandshakeFailed("auth_failed", str(exc)) from None
@@ -116,7 +129,7 @@ async def handshake(
         except GssAuthFailed as exc:
             raise HandshakeFailed("auth_failed", f"gssapi: {exc}") from None
     try:
-        request = await _read(client, buf, parse_request)
+        request = await _read(client, buf, _parse_request)
     except SocksError as exc:
         reply = exc.reply or Reply.GENERAL_FAILURE
         session.reply = reply

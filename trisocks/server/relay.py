@@ -37,6 +37,7 @@ import errno
 import fcntl
 import os
 import socket
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -45,7 +46,7 @@ from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
 from trisocks.sessions import Counters
 
-__all__ = ["CopyEngine", "Engine", "SpliceEngine", "make_engine", "relay"]
+__all__ = ["CopyEngine", "Engine", "SpliceEngine", "make_engine", "relay", "relay_streams"]
 
 CHUNK = 256 * 1024
 YIELD_EVERY = 1 << 20
@@ -422,7 +423,7 @@ def _gone(stream: trio.SocketStream) -> bool:
 
 
 async def relay(
-    client: trio.SocketStream,
+    client: trio.abc.Stream,
     upstream: trio.SocketStream,
     counters: Counters,
     engine: Engine,
@@ -431,8 +432,12 @@ async def relay(
 ) -> str:
     """Relay until both directions have seen EOF, the idle timeout passes, or a socket fails.
 
-    *throttles* (up, down) hold a direction to a rate (per-user limits).
+    *throttles* (up, down) hold a direction to a rate (per-user limits). A client stream that
+    is not a plain socket (TLS, a wrapper holding bytes already read) cannot be moved by file
+    descriptor: it goes through :func:`relay_streams`, whatever *engine* is.
     Returns how the relay ended, as a close reason (see the module docstring)."""
+    if not isinstance(client, trio.SocketStream):
+        return await relay_streams(client, upstream, counters, idle_timeout, throttles)
     async with trio.open_nursery() as nursery:
         state = _Relay(counters, idle_timeout, nursery, client, upstream)
         # One direction runs in a child task, the other in this one: an idle session costs
@@ -440,3 +445,94 @@ async def relay(
         nursery.start_soon(engine.pump, client, upstream, state.up, state.stop_up, throttles[0])
         await engine.pump(upstream, client, state.down, state.stop_down, throttles[1])
     return state.result()
+
+
+STREAM_CHUNK = 64 * 1024
+""":func:`relay_streams`: bytes asked of ``receive_some`` at a time (TLS records hold 16 KiB)."""
+
+
+async def relay_streams(
+    client: trio.abc.Stream,
+    upstream: trio.abc.Stream,
+    counters: Counters,
+    idle_timeout: float,
+    throttles: tuple[Throttle | None, Throttle | None] = (None, None),
+) -> str:
+    """The copy engine for any trio streams (``receive_some``/``send_all``): what
+    :func:`relay` does for a client that is not a plain socket, with the same close reasons.
+
+    An EOF is passed on with ``send_eof`` where the receiver can half-close; one that cannot
+    (TLS has no half-close) ends the relay instead: the client learns of the target's end
+    when the connection closes. A TLS EOF without close_notify counts as an EOF.
+    """
+    first: list[str] = []
+    failure: list[str] = []
+    idle = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
+
+    def up(n: int) -> None:
+        counters.bytes_up += n
+
+    def down(n: int) -> None:
+        counters.bytes_down += n
+
+    async def pump(
+        src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, sides: tuple[str, str],
+        add: Callable[[int], None], throttle: Throttle | None,
+    ) -> None:
+        side = sides[0]
+        try:
+            while True:
+                side = sides[0]
+                try:
+                    data = await src.receive_some(STREAM_CHUNK)
+                except trio.BrokenResourceError as exc:
+                    if not _ragged_eof(exc):
+                        raise
+                    data = b""
+                if not data:
+                    break
+                side = sides[1]
+                await dst.send_all(data)
+                add(len(data))
+                idle.deadline = trio.current_time() + idle_timeout
+                if throttle is not None:
+                    await throttle(len(data))
+            first.append(sides[0])
+            side = sides[1]
+            if len(first) < 2 and _half_closes(dst):
+                await dst.send_eof()  # type: ignore[attr-defined]
+            else:  # both ends done, or no half-close: the relay is over
+                nursery.cancel_scope.cancel()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            detail = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+            failure.append(f"relay: {side}: {detail}")
+            nursery.cancel_scope.cancel()
+
+    with idle:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client, upstream, ("client", "target"), up, throttles[0])
+            nursery.start_soon(pump, upstream, client, ("target", "client"), down, throttles[1])
+    if failure:
+        return failure[0]
+    if idle.cancelled_caught or not first:
+        return "idle timeout"
+    return f"{first[0]} closed"
+
+
+def _half_closes(stream: object) -> bool:
+    """*stream* can pass an EOF on (``send_eof``): a half-closeable stream, or a wrapper
+    (``.stream``) around one. TLS cannot."""
+    for _ in range(8):  # wrappers do not nest deeper than a few levels
+        if isinstance(stream, trio.SSLStream):
+            return False
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            return True
+        stream = getattr(stream, "stream", None)
+    return False
+
+
+def _ragged_eof(exc: trio.BrokenResourceError) -> bool:
+    """A TLS peer closed its TCP connection without close_notify (common, and harmless where
+    the payload frames itself)."""
+    return isinstance(exc.__cause__, ssl.SSLEOFError)

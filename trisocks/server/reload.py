@@ -9,6 +9,9 @@ Rules of a reload:
 3. Live sessions keep going, except those the new rules or the user set no longer allow:
    they are ended with the reason in the log (:meth:`Guard.revoke`).
 4. This host's interface addresses (``@local``, ``@admin`` on a wildcard) are read again.
+5. The TLS certificate and key (and client CA) are read again: new TLS handshakes use them,
+   live TLS sessions keep the context they started with; files that do not load reject the
+   reload like a broken config.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from trisocks.config import ConfigError
+from trisocks.tls import server_context
 
 if TYPE_CHECKING:
     from trisocks.server.context import ServerContext
@@ -52,7 +56,14 @@ def reload_config(ctx: ServerContext) -> dict[str, Any]:
     restart = sorted(k for k in RESTART_KEYS if getattr(new, k) != getattr(old, k))
     if restart:
         log.warning("reload: %s changed; that takes a restart", ", ".join(restart))
+    try:  # the files may have changed since load_config checked them
+        tls_context = server_context(new)
+    except ConfigError as exc:
+        ctx.stats.reloads["failed"] += 1
+        log.error("reload rejected, keeping the running config: %s", exc)
+        raise
     ctx.config = attrs.evolve(new, **{k: getattr(old, k) for k in RESTART_KEYS})
+    ctx.tls_context = tls_context  # new handshakes; live sessions keep the one they had
     ctx.guard.configure(ctx.config)
     ctx.guard.read_local_addresses()
     ended = ctx.guard.revoke()

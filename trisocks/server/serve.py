@@ -30,6 +30,7 @@ from trisocks.server.listeners import open_listeners
 from trisocks.server.relay import make_engine
 from trisocks.server.session import handle_client
 from trisocks.sessions import SessionRegistry
+from trisocks.tls import server_context
 
 __all__ = ["serve"]
 
@@ -50,6 +51,7 @@ def build_context(config: Config, store: UserStore) -> ServerContext:
         authenticator=Authenticator(store),
         accountant=Accountant(store, registry),
         engine=make_engine(config.relay_engine),
+        tls_context=server_context(config),
     )
 
 
@@ -57,10 +59,11 @@ async def _accept_loop(
     listener: trio.SocketListener,
     sessions: trio.Nursery,
     ctx: ServerContext,
+    tls: bool = False,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept until cancelled, every pending connection per wake-up.
+    """Accept until cancelled, every pending connection per wake-up (*tls*: a TLS listener's).
 
     The loop calls ``accept(2)`` itself on its own duplicate of the listening descriptor:
     ``SocketListener.accept`` passes through the scheduler once per connection even when one
@@ -102,7 +105,7 @@ async def _accept_loop(
                 ctx.stats.rejected_over_limit += 1
                 await trio.aclose_forcefully(stream)
                 continue
-            sessions.start_soon(handle_client, stream, ctx)
+            sessions.start_soon(handle_client, stream, ctx, tls)
 
 
 async def serve(
@@ -132,17 +135,27 @@ async def serve(
                                                   type=socket.SOCK_STREAM)
             ctx.admin_address = (str(infos[0][4][0]), config.admin.port)
         listeners: list[trio.SocketListener] = []
+        tls_listeners: set[trio.SocketListener] = set()
         for endpoint in config.listen:
             for listener in await open_listeners(endpoint, reuse_port=config.workers > 1):
                 stack.push_async_callback(listener.aclose)
                 listeners.append(listener)
+                if endpoint.tls:
+                    tls_listeners.add(listener)
         ctx.listening = [listener.socket.getsockname()[:2] for listener in listeners]
-        for address in ctx.listening:
-            log.info("listening on %s (auth: %s)", format_sockaddr(address), ",".join(config.auth))
+        for listener, address in zip(listeners, ctx.listening, strict=True):
+            log.info("listening on %s%s (auth: %s)", "tls://" * (listener in tls_listeners),
+                     format_sockaddr(address), ",".join(config.auth))
+        if "socks4" in config.protocols and "none" not in config.auth:
+            log.warning("protocols: socks4 is enabled but has no password: with auth %s every "
+                        "SOCKS4 request is refused (5B) unless TLS identified its client",
+                        ",".join(config.auth))
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
                 for listener in listeners:
-                    await accepting.start(_accept_loop, listener, sessions, ctx)
+                    await accepting.start(
+                        _accept_loop, listener, sessions, ctx, listener in tls_listeners
+                    )
                 await _start_admin(root, ctx)
                 task_status.started(ctx)
                 await ctx.shutdown.wait()

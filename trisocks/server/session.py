@@ -9,31 +9,37 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+import socket
+from typing import Any, cast
 
 import trio
 
 from trisocks.logs import quote
 from trisocks.policy.rules import IP
-from trisocks.protocol import Command, Reply
+from trisocks.protocol import Command, Reply, Request
 from trisocks.protocol.proxy import ProxyProtocolError
 from trisocks.server.bind import handle_bind
-from trisocks.server.common import format_sockaddr, ip_of, send_reply
+from trisocks.server.common import ClientStream, format_sockaddr, ip_of, send_reply
 from trisocks.server.connect import handle_connect
 from trisocks.server.context import ServerContext
+from trisocks.server.detect import detect
 from trisocks.server.guard import HandshakeEvicted
 from trisocks.server.handshake import HandshakeFailed, handshake
 from trisocks.server.listeners import receive_proxy_header
+from trisocks.server.resolve import handle_resolve
+from trisocks.server.socks4 import socks4_handshake
 from trisocks.server.udp import handle_udp_associate
 from trisocks.sessions import COMMAND_NAMES, Session
+from trisocks.tls import certificate_user
 
 __all__ = ["handle_client"]
 
 log = logging.getLogger("trisocks.session")
 
 
-async def handle_client(stream: trio.SocketStream, ctx: ServerContext) -> None:
-    """Serve one accepted connection (the body of one nursery task).
+async def handle_client(stream: trio.SocketStream, ctx: ServerContext, tls: bool = False) -> None:
+    """Serve one accepted connection (the body of one nursery task); *tls*: it came to a TLS
+    listener, so the session runs inside TLS (:func:`_start_tls`).
 
     The client socket is closed with the trio socket's synchronous ``close`` (it wakes any
     task waiting on it): ``await stream.aclose()`` would add a checkpoint, a whole pass of the
@@ -54,8 +60,11 @@ async def handle_client(stream: trio.SocketStream, ctx: ServerContext) -> None:
         return
     started = trio.current_time()
     with ctx.registry.track(client) as session:
+        conn: trio.abc.Stream = stream  # the SSLStream on a TLS listener
         try:
-            await _serve(stream, session, ctx, ip)
+            if tls:
+                conn = await _start_tls(stream, session, ctx, ip)
+            await _serve(conn, session, ctx, ip)  # type: ignore[arg-type]
         except HandshakeFailed as exc:
             ctx.stats.handshake_failures[exc.reason] += 1
             if exc.reason == "auth_failed":
@@ -77,8 +86,61 @@ async def handle_client(stream: trio.SocketStream, ctx: ServerContext) -> None:
                 expired = trio.current_time() >= session.scope.deadline
                 session.close_reason = "max session duration" if expired else "cancelled"
             _discard_unread(stream.socket)
-            stream.socket.close()
+            try:
+                if conn is not stream:
+                    await _close_tls(conn)
+            finally:
+                stream.socket.close()
     _log_session(ctx, session, trio.current_time() - started)
+
+
+TLS_HANDSHAKE_RECORD = b"\x16"
+"""The first byte of every TLS connection (a handshake record: the ClientHello)."""
+TLS_CLOSE_GRACE = 1.0
+"""Seconds the TLS close_notify may take to go out before the socket is closed anyway."""
+
+
+async def _start_tls(
+    stream: trio.SocketStream, session: Session, ctx: ServerContext, ip: IP
+) -> trio.SSLStream[trio.SocketStream]:
+    """The TLS handshake of a TLS listener's connection, under the handshake timeout and caps
+    (:meth:`Guard.handshaking`), with the context current now (a reload changes only later
+    handshakes). A verified client certificate names the session's user (:mod:`trisocks.tls`).
+
+    Raises:
+        HandshakeFailed: reason ``tls``: no TLS (a plain client), or the handshake failed
+            (a client certificate missing or not verified when ``tls_client_ca`` is set).
+    """
+    assert ctx.tls_context is not None, "a TLS listener without a context: config unchecked"
+    conn = trio.SSLStream(stream, ctx.tls_context, server_side=True)
+    with ctx.guard.handshaking(session, ip):
+        first = await stream.socket.recv(1, socket.MSG_PEEK)  # left in place for TLS to read
+        if first != TLS_HANDSHAKE_RECORD:  # a plain client waiting for an answer: no TLS
+            raise HandshakeFailed("tls", "not TLS (a plain client on a TLS listener)"
+                                  if first else "client closed before TLS")
+        try:
+            await conn.do_handshake()
+        except trio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            detail = getattr(cause, "reason", None) or str(cause or exc) or "connection lost"
+            raise HandshakeFailed("tls", str(detail)) from None
+    session.tls = True
+    if ctx.config.tls_client_ca is not None:
+        user = certificate_user(conn.getpeercert())
+        if user is None:
+            raise HandshakeFailed("tls", "the client certificate names no CN")
+        session.user = user  # no password crosses the network: the handshake offers 00
+    return conn
+
+
+async def _close_tls(conn: trio.abc.Stream) -> None:
+    """Send close_notify, best effort: within :data:`TLS_CLOSE_GRACE`, errors ignored (the
+    caller closes the socket in any case)."""
+    with trio.move_on_after(TLS_CLOSE_GRACE):
+        try:
+            await conn.aclose()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 UNREAD_LIMIT = 256 * 1024
@@ -114,8 +176,51 @@ async def _proxied_peer(stream: trio.SocketStream, balancer: Any, ctx: ServerCon
 
 
 async def _serve(stream: trio.SocketStream, session: Session, ctx: ServerContext, ip: IP) -> None:
+    """Tell the protocol from the first byte (:mod:`trisocks.server.detect`), then serve it."""
+    client: ClientStream
     with ctx.guard.handshaking(session, ip):  # the handshake timeout, and eviction
-        request, leftover, client = await handshake(stream, session, ctx)
+        protocol, conn = await _detect(stream, ctx)
+        if protocol == "socks5":
+            request, leftover, client = await handshake(cast(Any, conn), session, ctx)
+        elif protocol == "socks4":
+            request, leftover = await socks4_handshake(conn, session, ctx)
+            client = cast(Any, conn)
+    if protocol == "http":  # it enters ctx.guard.handshaking itself, around its request head
+        from trisocks.server.http_proxy import serve_http
+
+        await serve_http(cast(Any, conn), session, ctx, ip)
+        return
+    await serve_request(client, session, ctx, ip, request, leftover)
+
+
+async def _detect(stream: trio.abc.Stream, ctx: ServerContext) -> tuple[str, trio.abc.Stream]:
+    """The enabled protocol the first byte announces, and the stream to go on with.
+
+    Raises:
+        HandshakeFailed: EOF before a byte, or no enabled protocol starts with it.
+    """
+    try:
+        protocol, conn = await detect(stream)
+    except EOFError:
+        raise HandshakeFailed("eof", "client closed before sending a byte") from None
+    if protocol is None or protocol not in ctx.config.protocols:
+        raise HandshakeFailed(
+            "unknown_protocol", f"first byte starts no enabled protocol ({protocol or 'unknown'})"
+        )
+    return protocol, conn
+
+
+async def serve_request(
+    client: ClientStream,
+    session: Session,
+    ctx: ServerContext,
+    ip: IP,
+    request: Request,
+    leftover: bytes,
+) -> None:
+    """Serve a SOCKS request (SOCKS5, or SOCKS4 turned into the same Request): the rules and
+    the user's limits, the lifetime, then the command's handler. Replies go out in the
+    session's protocol (:func:`trisocks.server.common.send_reply`)."""
     if session.user is not None:
         ctx.guard.auth_result(ip, ok=True)
     session.command = COMMAND_NAMES[request.command]
@@ -138,6 +243,8 @@ HANDLERS = {
     Command.CONNECT: handle_connect,
     Command.BIND: handle_bind,
     Command.UDP_ASSOCIATE: handle_udp_associate,
+    Command.RESOLVE: handle_resolve,
+    Command.RESOLVE_PTR: handle_resolve,
 }
 
 
@@ -147,8 +254,9 @@ def _log_session(ctx: ServerContext, session: Session, duration: float) -> None:
     ctx.stats.bytes_down += c.bytes_down
     if session.reply is not None:
         ctx.stats.replies[session.reply] += 1
+    ctx.stats.protocols[session.protocol] += 1
     ctx.access_log.info(
-        "%s user=%s %s %s reply=%s rule=%s up=%d down=%d duration=%.3fs%s",
+        "%s user=%s %s %s reply=%s rule=%s up=%d down=%d duration=%.3fs protocol=%s%s%s%s",
         quote(session.client),  # every value a client (or an operator) chose is quoted
         quote(session.user),
         quote(session.command),
@@ -158,6 +266,9 @@ def _log_session(ctx: ServerContext, session: Session, duration: float) -> None:
         c.bytes_up,
         c.bytes_down,
         duration,
+        session.protocol,
+        " tls=yes" if session.tls else "",
+        f" userid={quote(session.userid)}" if session.userid is not None else "",
         f" reason={quote(session.close_reason)}" if session.close_reason else "",
         extra={
             "session": {
@@ -169,6 +280,9 @@ def _log_session(ctx: ServerContext, session: Session, duration: float) -> None:
                 "resolved": session.resolved,
                 "reply": session.reply,
                 "rule": session.rule,
+                "protocol": session.protocol,
+                "tls": session.tls,
+                "userid": session.userid,
                 "bytes_up": c.bytes_up,
                 "bytes_down": c.bytes_down,
                 "datagrams_up": c.datagrams_up,
