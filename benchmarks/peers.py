@@ -123,6 +123,16 @@ def pproxy(port: int, workdir: Path) -> Launch:
     )
 
 
+def pproxy_mixed(port: int, workdir: Path) -> Launch:
+    """:func:`pproxy` serving HTTP and SOCKS5 on one port (``http+socks5://``), measured
+    through HTTP CONNECT: the one-port peer of trisocks' HTTP row."""
+    launch = pproxy(port, workdir)
+    launch.argv[-1] = f"http+socks5://127.0.0.1:{port}#{USER}:{PASSWORD}"
+    launch.notes[0] = ("HTTP and SOCKS5 on one port (-l http+socks5://...#user:pass), "
+                       "measured via HTTP CONNECT")
+    return launch
+
+
 def trisocks_command() -> list[str] | None:
     exe = Path(sys.executable).parent / "trisocks"
     if exe.exists():
@@ -232,6 +242,16 @@ SERVERS = [
         ),
     ),
     Server("trisocks", trisocks, trisocks_missing),
+    Server(
+        "pproxy+uvloop (HTTP CONNECT)",
+        pproxy_mixed,
+        lambda: (
+            None
+            if importlib.util.find_spec("pproxy") and importlib.util.find_spec("uvloop")
+            else "pproxy or uvloop not installed"
+        ),
+        proxy_type="http",
+    ),
     Server("trisocks (HTTP CONNECT)", trisocks, trisocks_missing, proxy_type="http"),
     Server("trisocks (SOCKS5 over TLS)", trisocks_tls, trisocks_tls_missing,
            proxy_type="socks5-tls"),
