@@ -35,6 +35,7 @@ from trisocks.logs import escape_unprintable, setup_logging
 from trisocks.passwords import hash_password
 from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, check_limit, parse_size
 from trisocks.store import Store, StoreError
+from trisocks.tls import server_context
 from trisocks.usernames import normalize_username, resolve_username
 
 __all__ = ["main"]
@@ -233,6 +234,10 @@ def _config_warnings(args: argparse.Namespace, config: Config) -> list[str]:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args)
+    try:
+        server_context(config)  # the TLS files load: one line now, not a traceback later
+    except ConfigError as exc:
+        fail(str(exc))
     if worker_index() is None:  # once, not again from every worker
         for warning in _config_warnings(args, config):
             _warn(warning)
@@ -267,6 +272,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         fail(str(exc))
     config, problems = config_problems(file_values, _flag_values(args))
     if config is not None:
+        try:
+            server_context(config)  # the TLS files load
+        except ConfigError as exc:
+            problems.append(str(exc))
         problems += _db_problems(config.db)
         for warning in _config_warnings(args, config):
             _warn(warning)

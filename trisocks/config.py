@@ -556,7 +556,5 @@ def _check_tls(config: Config) -> None:
         raise ConfigError("tls_cert: give tls_cert and tls_key together")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ConfigError("tls_client_ca: client certificates need tls_cert and tls_key")
-    if config.tls_cert is not None:
-        from trisocks.tls import server_context  # loads (and so checks) the files
-
-        server_context(config)
+    # The files themselves are loaded (and so checked) by trisocks.tls.server_context: by the
+    # CLI before serving, by `trisocks check`, and on every reload.
