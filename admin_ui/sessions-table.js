@@ -15,6 +15,9 @@ const COLUMNS = [
   { key: "user", label: "User", value: (r) => r.session.user ?? "", text: (r) => dash(r.session.user) },
   { key: "client", label: "Client", value: (r) => r.session.client },
   { key: "command", label: "Command", value: (r) => dash(r.session.command) },
+  // socks5, socks4, http-connect or http; "+tls" inside a TLS listener.
+  { key: "protocol", label: "Protocol",
+    value: (r) => `${r.session.protocol ?? "socks5"}${r.session.tls ? "+tls" : ""}` },
   { key: "target", label: "Target", value: (r) => r.session.target ?? "",
     text: (r) => dash(r.session.target) },
   { key: "state", label: "State", value: (r) => r.session.state },

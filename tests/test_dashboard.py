@@ -181,6 +181,7 @@ async def test_dashboard_live_sessions_kill_and_user_management(
             expect(row.locator("td.col-user")).to_have_text(USER)
             expect(row.locator("td.col-target")).to_have_text(f"{target[0]}:{target[1]}")
             expect(row.locator("td.col-state")).to_have_text("relaying")
+            expect(row.locator("td.col-protocol")).to_have_text("socks5")
             wait_for_growth(lambda: bytes_down(row))
 
             # Kill: confirm the dialog; the client's connection ends and the row leaves.
