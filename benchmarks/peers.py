@@ -223,6 +223,12 @@ def trisocks_tls(port: int, workdir: Path) -> Launch:
     return launch
 
 
+def pproxy_missing() -> str | None:
+    if importlib.util.find_spec("pproxy") and importlib.util.find_spec("uvloop"):
+        return None
+    return "pproxy or uvloop not installed"
+
+
 NO_PROXY = Server("no proxy", None)
 SERVERS = [
     NO_PROXY,
@@ -235,21 +241,13 @@ SERVERS = [
     Server(
         "pproxy+uvloop",
         pproxy,
-        lambda: (
-            None
-            if importlib.util.find_spec("pproxy") and importlib.util.find_spec("uvloop")
-            else "pproxy or uvloop not installed"
-        ),
+        pproxy_missing,
     ),
     Server("trisocks", trisocks, trisocks_missing),
     Server(
         "pproxy+uvloop (HTTP CONNECT)",
         pproxy_mixed,
-        lambda: (
-            None
-            if importlib.util.find_spec("pproxy") and importlib.util.find_spec("uvloop")
-            else "pproxy or uvloop not installed"
-        ),
+        pproxy_missing,
         proxy_type="http",
     ),
     Server("trisocks (HTTP CONNECT)", trisocks, trisocks_missing, proxy_type="http"),

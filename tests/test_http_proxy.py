@@ -281,12 +281,12 @@ async def test_connect_timeout_is_504(
     start_http: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A dial that never completes (held by a never-set event) hits connect_timeout."""
-    import trisocks.server.http_proxy as http_proxy
+    import trisocks.server.connect as connect  # the one dial of CONNECTs, SOCKS and HTTP
 
     async def hang(*args: Any) -> Any:
         await trio.Event().wait()
 
-    monkeypatch.setattr(http_proxy, "dial", hang)
+    monkeypatch.setattr(connect, "dial", hang)
     proxy = await start_http(connect_timeout=0.2)
     status, _, _ = await probe(proxy, connect_head("127.0.0.1", 9))
     assert status == 504

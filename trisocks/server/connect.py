@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import trio
 
-from trisocks.protocol import Reply, Request
+from trisocks.protocol import Address, Reply, Request
 from trisocks.server.common import (
     ClientStream,
     address_of,
@@ -18,9 +18,25 @@ from trisocks.server.dial import Denied, dial
 from trisocks.server.errors import reply_for
 from trisocks.sessions import Session
 
-__all__ = ["handle_connect"]
+__all__ = ["dial_target", "handle_connect"]
 
 HAPPY_EYEBALLS_DELAY = 0.25
+
+
+async def dial_target(session: Session, ctx: ServerContext, target: Address) -> trio.SocketStream:
+    """Connect *session* to *target*, judging every address a name resolves to, within the
+    connect timeout (SOCKS and HTTP CONNECT, and HTTP forwarding, alike).
+
+    Raises:
+        Denied: a resolved address is denied by the rules.
+        OSError: refused, unreachable, no such name.
+        trio.TooSlowError: the connect timeout passed.
+    """
+    ctx.registry.set_state(session, "connecting")
+    with trio.fail_after(ctx.config.connect_timeout):
+        return await dial(
+            target, lambda ips: ctx.guard.deny_resolved(session, ips), HAPPY_EYEBALLS_DELAY
+        )
 
 
 async def handle_connect(
@@ -30,13 +46,8 @@ async def handle_connect(
     leftover: bytes,
     ctx: ServerContext,
 ) -> None:
-    target = request.address
-    ctx.registry.set_state(session, "connecting")
     try:
-        with trio.fail_after(ctx.config.connect_timeout):
-            upstream = await dial(
-                target, lambda ips: ctx.guard.deny_resolved(session, ips), HAPPY_EYEBALLS_DELAY
-            )
+        upstream = await dial_target(session, ctx, request.address)
     except Denied as exc:
         session.close_reason = str(exc)
         await send_reply(stream, session, Reply.NOT_ALLOWED)

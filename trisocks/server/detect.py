@@ -15,6 +15,8 @@ import socket
 
 import trio
 
+from trisocks import streams
+
 __all__ = ["Prefixed", "classify", "detect"]
 
 PEEK_SIZE = 1
@@ -31,46 +33,15 @@ def classify(first: int) -> str | None:
     return None
 
 
-class Prefixed(trio.abc.Stream):
-    """*stream*, with *data* (already received from it) read first.
-
-    Sending, ``send_eof``, closing and every attribute not defined here (``socket``,
-    ``transport_stream``, ``getpeercert``, ...) go to *stream*."""
-
-    def __init__(self, stream: trio.abc.Stream, data: bytes) -> None:
-        self.stream = stream
-        self._prefix = bytearray(data)
+class Prefixed(streams.Prefixed):
+    """:class:`trisocks.streams.Prefixed`, and every attribute not defined there (``socket``,
+    ``transport_stream``, ``getpeercert``, ...) from the wrapped stream, which the session
+    code asks of a TLS stream."""
 
     def __getattr__(self, name: str) -> object:
         if name == "stream":  # not set yet (say, while copying): no recursion
             raise AttributeError(name)
         return getattr(self.stream, name)
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._prefix:
-            await trio.lowlevel.checkpoint()
-            n = len(self._prefix) if max_bytes is None else max_bytes
-            if n < 1:
-                raise ValueError("max_bytes must be >= 1")
-            data = bytes(self._prefix[:n])
-            del self._prefix[:n]
-            return data
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        send_eof = getattr(self.stream, "send_eof", None)
-        if send_eof is None:
-            raise trio.ClosedResourceError("the stream has no send_eof")
-        await send_eof()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
 
 
 async def detect(stream: trio.abc.Stream) -> tuple[str | None, trio.abc.Stream]:

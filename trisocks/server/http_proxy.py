@@ -42,9 +42,9 @@ from trisocks.logs import quote
 from trisocks.policy.rules import IP
 from trisocks.protocol import Address, AddressType, Command, Reply, Request
 from trisocks.server.common import ClientStream, format_sockaddr, relay_session
-from trisocks.server.connect import HAPPY_EYEBALLS_DELAY
+from trisocks.server.connect import dial_target
 from trisocks.server.context import ServerContext
-from trisocks.server.dial import Denied, dial
+from trisocks.server.dial import Denied
 from trisocks.server.errors import reply_for
 from trisocks.server.handshake import HandshakeFailed
 from trisocks.sessions import COMMAND_NAMES, Session
@@ -326,12 +326,8 @@ async def _dial(session: Session, ctx: ServerContext, address: Address) -> trio.
         HttpError: 403 (a resolved address is denied), 502 (refused, unreachable, no such
         name), 504 (the connect timeout passed).
     """
-    ctx.registry.set_state(session, "connecting")
     try:
-        with trio.fail_after(ctx.config.connect_timeout):
-            upstream = await dial(
-                address, lambda ips: ctx.guard.deny_resolved(session, ips), HAPPY_EYEBALLS_DELAY
-            )
+        upstream = await dial_target(session, ctx, address)
     except Denied as exc:
         session.reply = Reply.NOT_ALLOWED
         raise HttpError(403, str(exc)) from None
