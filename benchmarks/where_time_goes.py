@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trisocks.config import Config, Endpoint
 from trisocks.passwords import hash_password
 from trisocks.server.serve import serve
-from trisocks.store import Store
+from trisocks.store.sqlite import Store
 
 USER, PASSWORD = b"bench", b"benchpass"
 

@@ -24,7 +24,7 @@ from trisocks.config import Config, Endpoint
 from trisocks.passwords import hash_password
 from trisocks.server.context import ServerContext
 from trisocks.server.serve import serve
-from trisocks.store import Store
+from trisocks.store.sqlite import Store
 
 USER, PASSWORD = "alice", "s3cret-pass"
 

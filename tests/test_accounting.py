@@ -12,7 +12,8 @@ import trio
 
 from trisocks.accounting import Accountant
 from trisocks.sessions import SessionRegistry
-from trisocks.store import Store, UsageDelta, UserUsage
+from trisocks.store.records import UsageDelta, UserUsage
+from trisocks.store.sqlite import Store
 
 
 class BrokenStore:

@@ -38,7 +38,7 @@ from tests.test_admin_support import (
 )
 from trisocks.passwords import hash_password
 from trisocks.server.serve import serve
-from trisocks.store import Store
+from trisocks.store.sqlite import Store
 
 __all__ = ["admin_proxy", "api"]  # fixtures used by name
 

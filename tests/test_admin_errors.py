@@ -28,7 +28,8 @@ from tests.test_admin_support import ADMIN, TOKEN, EventStream, admin_proxy, adm
 from trisocks.admin.app import SECURITY_HEADERS
 from trisocks.policy.quotas import LIMIT_FIELDS
 from trisocks.server.serve import serve
-from trisocks.store import Store, StoreError
+from trisocks.store.records import StoreError
+from trisocks.store.sqlite import Store
 
 __all__ = ["admin_proxy", "api"]  # fixtures used by name
 

@@ -21,7 +21,7 @@ from trisocks.admin.tokens import check_bearer, resolve_token
 from trisocks.config import Config
 from trisocks.passwords import hash_password
 from trisocks.sessions import Session
-from trisocks.store import Store
+from trisocks.store.sqlite import Store
 
 
 def session(**fields: Any) -> Session:

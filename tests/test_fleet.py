@@ -33,9 +33,9 @@ from tests.fleet_support import (
 )
 from tests.test_admin_support import echo_round, eventually, wait_closed
 from tests.test_proxy_protocol_server import _refused
-from trisocks.fleet.backend import open_store
+from trisocks.net import format_sockaddr
 from trisocks.passwords import hash_password
-from trisocks.server.common import format_sockaddr
+from trisocks.store.open import open_store
 
 __all__ = ["pg_url", "postgres"]  # fixtures used by name
 

@@ -16,13 +16,15 @@ import psycopg
 import pytest
 
 from tests.fleet_support import pg_url, postgres
-from trisocks.fleet.backend import UserStore, open_store
-from trisocks.fleet.cache import CachedStore
 from trisocks.fleet.directory import STALE_AFTER, Directory, Instance, SessionRow
-from trisocks.fleet.postgres import PostgresStore
-from trisocks.fleet.sql import SqliteDatabase, migrate
 from trisocks.policy.quotas import UserLimits
-from trisocks.store import ANONYMOUS, Store, StoreError, UsageDelta, UserUsage
+from trisocks.store.cache import CachedStore
+from trisocks.store.interface import UserStore
+from trisocks.store.open import open_store
+from trisocks.store.postgres import PostgresStore
+from trisocks.store.records import ANONYMOUS, StoreError, UsageDelta, UserUsage
+from trisocks.store.sql import SqliteDatabase, migrate
+from trisocks.store.sqlite import Store
 
 __all__ = ["pg_url", "postgres"]  # fixtures used by name
 

@@ -39,7 +39,7 @@ from tests.conftest import (
 from tests.test_relay import no_free_fds
 from trisocks.server.context import ServerContext
 from trisocks.server.serve import serve
-from trisocks.store import Store
+from trisocks.store.sqlite import Store
 
 StartProxy = Callable[..., Any]
 SOAK_CYCLES = int(os.environ.get("TRISOCKS_SOAK_CYCLES", "1000"))

@@ -32,7 +32,7 @@ from tests.test_udp import ZEROS4, atyp_addr, header, open_udp, start_udp_echo
 from trisocks.passwords import hash_password
 from trisocks.policy.limits import InFlight, client_group
 from trisocks.server.guard import pressure_timeout
-from trisocks.store import Store
+from trisocks.store.sqlite import Store
 
 StartProxy = Callable[..., Any]
 FLOODER, OTHER = "127.0.0.1", "127.0.0.2"

@@ -28,7 +28,7 @@ from trisocks.config import ConfigError, build_config, load_file
 from trisocks.passwords import hash_password
 from trisocks.policy import UserLimits, parse_rules
 from trisocks.server.reload import reload_config
-from trisocks.store import Store
+from trisocks.store.sqlite import Store
 
 StartProxy = Callable[..., Any]
 

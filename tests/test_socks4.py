@@ -35,14 +35,14 @@ from trisocks.admin.metrics import metrics_registry
 from trisocks.admin.shapes import session_json
 from trisocks.config import ConfigError, build_config, load_file
 from trisocks.fleet.directory import Directory, Instance, SessionRow
-from trisocks.fleet.sql import SqliteDatabase
 from trisocks.logs import JsonFormatter, TextFormatter
 from trisocks.policy import parse_rules
 from trisocks.protocol import Address
 from trisocks.protocol.socks4 import encode_socks4_request
 from trisocks.server.reload import reload_config
 from trisocks.sessions import Session
-from trisocks.store import Store
+from trisocks.store.sql import SqliteDatabase
+from trisocks.store.sqlite import Store
 
 OPEN: dict[str, Any] = {"auth": ("none",)}  # SOCKS4 has no password
 LOCAL4 = socket.inet_aton("127.0.0.1")

@@ -40,7 +40,7 @@ from trisocks.protocol.proxy import encode_v2
 from trisocks.server.dial import literal, reach
 from trisocks.server.reload import reload_config
 from trisocks.server.serve import serve
-from trisocks.store import Store
+from trisocks.store.sqlite import Store
 
 ip = ipaddress.ip_address
 StartProxy = Callable[..., Any]

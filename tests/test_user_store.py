@@ -36,12 +36,13 @@ from trisocks.admin.tokens import token_path
 from trisocks.auth import Authenticator
 from trisocks.cli import main
 from trisocks.client.connect import open_socks_stream
-from trisocks.fleet.backend import open_store
-from trisocks.fleet.cache import CachedStore
-from trisocks.fleet.postgres import PostgresStore
 from trisocks.passwords import hash_password
 from trisocks.server.serve import serve
-from trisocks.store import _MIGRATIONS, Store, StoreError, UsageDelta
+from trisocks.store.cache import CachedStore
+from trisocks.store.open import open_store
+from trisocks.store.postgres import PostgresStore
+from trisocks.store.records import StoreError, UsageDelta
+from trisocks.store.sqlite import _MIGRATIONS, Store
 from trisocks.usernames import login_form, normalize_username, scripts_of
 
 __all__ = ["pg_url", "postgres"]  # fixtures used by name

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from trisocks.policy.quotas import period_starts
 from trisocks.sessions import Counters, Session, SessionRegistry
-from trisocks.store import ANONYMOUS, Store, UsageDelta, UserUsage
+from trisocks.store.records import ANONYMOUS, UsageDelta, UserUsage
+from trisocks.store.sqlite import Store
 
 if TYPE_CHECKING:
-    from trisocks.fleet.backend import UserStore
+    from trisocks.store.interface import UserStore
 
 __all__ = ["Accountant"]
 
@@ -121,6 +123,14 @@ class Accountant:
                 c, f = session.counters, session.flushed
                 total += c.bytes_up - f.bytes_up + c.bytes_down - f.bytes_down
         return total
+
+    def period_usage(self, name: str, now: float) -> tuple[int, int]:
+        """Bytes *name* moved today and this month (UTC), what is not flushed yet included: what
+        quotas count (:func:`trisocks.policy.quotas.quota_exceeded`)."""
+        day, month = period_starts(now)
+        unflushed = self.unflushed_bytes(name)
+        return (self.store.bytes_since(name, day) + unflushed,
+                self.store.bytes_since(name, month) + unflushed)
 
     async def read_all(self) -> tuple[list[UserUsage], list[str]]:
         """Every user's persisted totals and every user name, read off the trio loop from

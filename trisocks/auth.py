@@ -27,7 +27,7 @@ from trisocks.passwords import DUMMY_HASH, verify_password
 from trisocks.usernames import login_form
 
 if TYPE_CHECKING:
-    from trisocks.fleet.backend import UserStore
+    from trisocks.store.interface import UserStore
 
 __all__ = ["Authenticator"]
 

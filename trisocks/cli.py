@@ -29,12 +29,14 @@ from trisocks.config import (
     is_db_url,
     load_file,
 )
-from trisocks.fleet.backend import UserStore, open_store
 from trisocks.fleet.workers import supervise, worker_index
 from trisocks.logs import escape_unprintable, setup_logging
 from trisocks.passwords import hash_password
 from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, check_limit, parse_size
-from trisocks.store import Store, StoreError
+from trisocks.store.interface import UserStore
+from trisocks.store.open import open_store
+from trisocks.store.records import StoreError
+from trisocks.store.sqlite import Store
 from trisocks.tls import server_context
 from trisocks.usernames import normalize_username, resolve_username
 
@@ -307,7 +309,7 @@ def _log_as_cli_lines() -> None:
 def _db_label(db: Path | str) -> str:
     if not is_db_url(db):
         return str(db)
-    from trisocks.fleet.postgres import _safe  # the URL without its password
+    from trisocks.store.postgres import _safe
 
     return str(_safe(str(db)))
 
@@ -335,7 +337,7 @@ def _postgres_problems(url: str) -> list[str]:
     except ImportError:
         return ["db: a postgresql:// db needs the optional extra: pip install "
                 "'trisocks[postgresql]'"]
-    from trisocks.fleet.postgres import MIGRATIONS
+    from trisocks.store.postgres import MIGRATIONS
 
     try:
         with psycopg.connect(url, connect_timeout=10,

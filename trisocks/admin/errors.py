@@ -16,7 +16,7 @@ from typing import Any
 from werkzeug.exceptions import HTTPException
 
 from trisocks.admin.bodies import json_body
-from trisocks.store import StoreError
+from trisocks.store.records import StoreError
 
 __all__ = ["json_body", "json_error", "store_errors", "unavailable", "unexpected_error"]
 

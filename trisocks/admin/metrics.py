@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 if TYPE_CHECKING:
     from trisocks.server.context import ServerContext
-    from trisocks.store import UserUsage
+    from trisocks.store.records import UserUsage
 
 __all__ = ["OTHER_USERS", "ProxyCollector", "fold_users", "metrics_registry", "relayed_bytes"]
 

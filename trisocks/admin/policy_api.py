@@ -14,9 +14,9 @@ from werkzeug.exceptions import BadRequest, NotFound
 
 from trisocks.admin.bodies import json_body
 from trisocks.config import ConfigError
-from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, check_limit, usage
+from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, check_limit
 from trisocks.server.reload import reload_config
-from trisocks.store import StoreError
+from trisocks.store.records import StoreError
 
 if TYPE_CHECKING:
     from trisocks.server.context import ServerContext
@@ -26,7 +26,7 @@ __all__ = ["policy_blueprint", "policy_json"]
 
 def policy_json(ctx: ServerContext, name: str) -> dict[str, Any]:
     """A user's own limits and the bytes its quotas count now (today, this month)."""
-    day, month = usage(ctx.store, ctx.accountant, name, time.time())
+    day, month = ctx.accountant.period_usage(name, time.time())
     return {"limits": ctx.store.user_limits(name).as_dict(),
             "quota_used": {"day": day, "month": month}}
 

@@ -15,8 +15,8 @@ from werkzeug.exceptions import BadRequest, NotFound
 
 from trisocks.admin.events import EventHub
 from trisocks.admin.filters import FilterError, SessionFilter
-from trisocks.admin.revocation import KILLED_BY_ADMIN
 from trisocks.admin.shapes import session_json
+from trisocks.server.revocation import KILLED_BY_ADMIN
 from trisocks.sessions import Session
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 
 from trisocks.config import Config, is_db_url
-from trisocks.store import warn_if_readable
+from trisocks.store.files import warn_if_readable
 
 __all__ = ["TOKEN_ENV", "check_bearer", "resolve_token", "token_path"]
 

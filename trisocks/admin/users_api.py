@@ -2,7 +2,7 @@
 user management on the same store as ``trisocks user ...``.
 
 Removing a user or changing its password revokes at once: its live sessions end and the
-authenticator forgets its cached credentials (:func:`trisocks.admin.revocation.revoke`).
+authenticator forgets its cached credentials (:func:`trisocks.server.revocation.revoke`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from werkzeug.exceptions import BadRequest, Conflict, NotFound
 
 from trisocks.admin.bodies import json_body
 from trisocks.admin.policy_api import policy_json
-from trisocks.admin.revocation import kill_user_sessions, revoke
 from trisocks.admin.shapes import usage_json
 from trisocks.passwords import hash_password
-from trisocks.store import ANONYMOUS, StoreError
+from trisocks.server.revocation import kill_user_sessions, revoke
+from trisocks.store.records import ANONYMOUS, StoreError
 from trisocks.usernames import normalize_username
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ admin asked for anyway.
 
 - :class:`PostgresChannel`: NOTIFY on :data:`KILL_CHANNEL`, which every instance LISTENs to
   (each ignores kills addressed to others). The same connection hears
-  :data:`~trisocks.fleet.postgres.STORE_CHANNEL` and asks the cached store to reload. Waiting is
+  :data:`~trisocks.store.postgres.STORE_CHANNEL` and asks the cached store to reload. Waiting is
   trio-native: the loop waits for the listening connection's socket to become readable, then
   lets libpq parse what arrived; no thread sits blocked in a LISTEN.
 - :class:`LocalChannel`: workers sharing an SQLite file are on one machine; each binds a Unix
@@ -130,7 +130,7 @@ class PostgresChannel:
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         import psycopg
 
-        from trisocks.fleet.postgres import STORE_CHANNEL
+        from trisocks.store.postgres import STORE_CHANNEL
 
         while True:
             try:

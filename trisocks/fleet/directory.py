@@ -5,7 +5,7 @@ every heartbeat, in one transaction that also stamps its heartbeat. Readers trus
 rows while its heartbeat is younger than :data:`STALE_AFTER`: a crashed instance's sessions
 drop out of every listing within that time, and the next publisher deletes them.
 
-The tables are the ``fleet`` component's migrations (:func:`trisocks.fleet.sql.migrate`), in
+The tables are the ``fleet`` component's migrations (:func:`trisocks.store.sql.migrate`), in
 SQL that SQLite and PostgreSQL share. All methods block; callers use ``trio.to_thread``.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import attrs
 
-from trisocks.fleet.sql import Database, migrate
 from trisocks.sessions import Counters, Session
+from trisocks.store.sql import Database, migrate
 
 __all__ = ["STALE_AFTER", "Directory", "Instance", "SessionRow"]
 

@@ -7,7 +7,7 @@ Fleet mode is on with a PostgreSQL ``db`` (instances on any machines) or with ``
   soon after any session starts or changes, and at least every :data:`HEARTBEAT` seconds;
 - listens on its kill channel (:mod:`trisocks.fleet.channel`) and kills what is addressed to it;
 - with PostgreSQL, hears other instances' store changes (NOTIFY) for the cached store
-  (:mod:`trisocks.fleet.cache`, which :func:`trisocks.server.serve.serve` keeps in sync).
+  (:mod:`trisocks.store.cache`, which :func:`trisocks.server.serve.serve` keeps in sync).
 
 The admin API of any instance lists the fleet's sessions (its own live, the others' from the
 directory, up to one publish old) and kills any of them through :meth:`FleetNode.kill`.
@@ -27,8 +27,8 @@ import trio
 from trisocks.config import Config, is_db_url
 from trisocks.fleet.channel import Channel, Kill, LocalChannel, PostgresChannel
 from trisocks.fleet.directory import Directory, Instance, SessionRow
-from trisocks.fleet.sql import SqliteDatabase
 from trisocks.sessions import Session
+from trisocks.store.sql import SqliteDatabase
 
 if TYPE_CHECKING:
     from trisocks.server.context import ServerContext
@@ -62,11 +62,11 @@ class FleetNode:
     @classmethod
     def open(cls, ctx: ServerContext) -> FleetNode:
         """Connect to the directory of ``ctx.config.db`` (blocking: migrations run)."""
-        from trisocks.fleet.cache import CachedStore
+        from trisocks.store.cache import CachedStore
 
         store = ctx.store
         if isinstance(store, CachedStore) and is_db_url(ctx.config.db):
-            from trisocks.fleet.postgres import PostgresStore
+            from trisocks.store.postgres import PostgresStore
 
             assert isinstance(store.backend, PostgresStore)
             db = store.backend.db

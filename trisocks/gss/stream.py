@@ -37,8 +37,8 @@ from trisocks.protocol.gssapi import (
     parse_datagram,
     parse_frame,
 )
-from trisocks.server.relay import Throttle
 from trisocks.sessions import Counters
+from trisocks.throttle import Throttle
 
 __all__ = ["FrameChannel", "GssFailure", "GssStream", "Protection", "relay_gss", "send_abort"]
 

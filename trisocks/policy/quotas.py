@@ -12,16 +12,12 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
-if TYPE_CHECKING:
-    from trisocks.accounting import Accountant
-    from trisocks.fleet.backend import UserStore
-
 __all__ = ["LIMIT_FIELDS", "MAX_LIMIT", "UserLimits", "check_limit", "parse_size", "period_starts",
-           "quota_exceeded", "usage"]
+           "quota_exceeded"]
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -91,13 +87,6 @@ def period_starts(now: float) -> tuple[str, str]:
     """The UTC day and the first day of its month, as the store's ``day`` keys."""
     day = time.strftime("%Y-%m-%d", time.gmtime(now))
     return day, day[:8] + "01"
-
-
-def usage(store: UserStore, accountant: Accountant, user: str, now: float) -> tuple[int, int]:
-    """Bytes *user* moved today and this month, including what is not flushed yet."""
-    day, month = period_starts(now)
-    unflushed = accountant.unflushed_bytes(user)
-    return store.bytes_since(user, day) + unflushed, store.bytes_since(user, month) + unflushed
 
 
 def quota_exceeded(limits: UserLimits, used_day: int, used_month: int) -> str | None:

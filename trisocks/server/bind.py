@@ -24,14 +24,12 @@ import socket
 
 import trio
 
+from trisocks.net import address_of, format_sockaddr, ip_of
 from trisocks.policy.addresses import canonical
 from trisocks.protocol import Address, AddressType, Reply, Request
 from trisocks.server.common import (
     ClientStream,
-    address_of,
     announced_address,
-    format_sockaddr,
-    ip_of,
     open_local_socket,
     relay_session,
     send_reply,

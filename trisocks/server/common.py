@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from trisocks.gss.stream import GssStream, relay_gss
+from trisocks.net import address_of, socket_of
 from trisocks.protocol import Address, Reply, encode_reply
 from trisocks.protocol.socks4 import encode_socks4_reply
 from trisocks.server import quickio
@@ -23,14 +22,10 @@ __all__ = [
     "CONTROL_BUFFER_LIMIT",
     "REPLY_ENCODERS",
     "ClientStream",
-    "address_of",
     "announced_address",
-    "format_sockaddr",
-    "ip_of",
     "open_local_socket",
     "relay_session",
     "send_reply",
-    "socket_of",
     "watch_control",
 ]
 
@@ -41,27 +36,6 @@ ClientStream = trio.SocketStream | GssStream | trio.SSLStream[trio.SocketStream]
 """The client connection as handlers see it: plain, wrapped after GSSAPI (RFC 1961), or inside
 TLS (a TLS listener). :func:`socket_of` gives the socket under any of them, for addresses;
 only a plain one can be relayed by file descriptor."""
-
-
-def socket_of(stream: object) -> trio.socket.SocketType:
-    """The socket under a client stream: its own, or its transport's (``transport_stream`` of
-    a :class:`trio.SSLStream`, and so on down through wrappers)."""
-    for _ in range(8):  # wrappers do not nest deeper than a few levels
-        sock = getattr(stream, "socket", None)
-        if sock is not None:
-            return sock  # type: ignore[no-any-return]
-        stream = getattr(stream, "transport_stream", None) or getattr(stream, "stream", None)
-    raise TypeError("not a stream over a socket")
-
-
-def address_of(sockaddr: Any) -> Address:
-    """A socket address tuple (IPv4 or IPv6) as a protocol Address."""
-    return Address.of(sockaddr[0].split("%")[0], sockaddr[1])
-
-
-def format_sockaddr(sockaddr: Any) -> str:
-    host, port = sockaddr[0], sockaddr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _socks4_reply(reply: Reply, bound: Address | None) -> bytes:
@@ -84,19 +58,6 @@ async def send_reply(
     an RFC 1928 code, whatever the protocol: it says more than SOCKS4's 5B)."""
     session.reply = reply
     await quickio.send(stream, REPLY_ENCODERS[session.protocol](reply, bound))
-
-
-@functools.lru_cache(maxsize=4096)
-def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """An IP literal, comparable across families: the zone is cut off and an IPv4-mapped IPv6
-    address (a dual-stack socket's view of an IPv4 peer) becomes IPv4.
-
-    Cached: the same clients and targets come back again and again, and parsing an address
-    costs more than the rest of a rule check."""
-    ip = ipaddress.ip_address(host.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 async def open_local_socket(stream: ClientStream, type: int) -> trio.socket.SocketType:

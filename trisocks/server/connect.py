@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import trio
 
+from trisocks.net import address_of, format_sockaddr
 from trisocks.protocol import Address, Reply, Request
-from trisocks.server.common import (
-    ClientStream,
-    address_of,
-    format_sockaddr,
-    relay_session,
-    send_reply,
-)
+from trisocks.server.common import ClientStream, relay_session, send_reply
 from trisocks.server.context import ServerContext
 from trisocks.server.dial import Denied, dial
 from trisocks.server.errors import reply_for

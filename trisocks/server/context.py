@@ -19,8 +19,8 @@ from trisocks.server.relay import Engine
 from trisocks.sessions import SessionRegistry
 
 if TYPE_CHECKING:
-    from trisocks.fleet.backend import UserStore
     from trisocks.fleet.node import FleetNode
+    from trisocks.store.interface import UserStore
 
 __all__ = ["ServerContext", "Stats"]
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import trio
 
+from trisocks.net import ip_of
 from trisocks.policy.addresses import numeric_host, reached
 from trisocks.policy.rules import IP, Decision
 from trisocks.protocol import Address, AddressType
-from trisocks.server.common import ip_of
 
 __all__ = ["Denied", "connect_any", "dial", "literal", "lookup", "reach", "resolve"]
 

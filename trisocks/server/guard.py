@@ -35,6 +35,7 @@ import attrs
 import trio
 
 from trisocks.logs import quote
+from trisocks.net import ip_of
 from trisocks.policy.addresses import Network, host_networks
 from trisocks.policy.limits import (
     AuthBackoff,
@@ -44,13 +45,12 @@ from trisocks.policy.limits import (
     TokenBucket,
     client_group,
 )
-from trisocks.policy.quotas import UserLimits, quota_exceeded, usage
+from trisocks.policy.quotas import UserLimits, quota_exceeded
 from trisocks.policy.rules import IP, Decision, Query, RuleSet
 from trisocks.protocol import AddressType, Command, Reply, Request
-from trisocks.server.common import ip_of
 from trisocks.server.dial import literal
-from trisocks.server.relay import Throttle
 from trisocks.sessions import Session
+from trisocks.throttle import Throttle
 
 if TYPE_CHECKING:
     from trisocks.config import Config
@@ -429,8 +429,7 @@ class Guard:
     def _quota_exceeded(self, user: str, limits: UserLimits) -> str | None:
         if limits.quota_day is None and limits.quota_month is None:
             return None  # usage costs a pass over live sessions: only where a quota applies
-        return quota_exceeded(limits, *usage(self._ctx.store, self._ctx.accountant, user,
-                                             time.time()))
+        return quota_exceeded(limits, *self._ctx.accountant.period_usage(user, time.time()))
 
     def max_duration(self, session: Session) -> float | None:
         """The session's lifetime limit: the user's own, else the server's."""

@@ -39,9 +39,10 @@ import h11
 import trio
 
 from trisocks.logs import quote
+from trisocks.net import format_sockaddr
 from trisocks.policy.rules import IP
 from trisocks.protocol import Address, AddressType, Command, Reply, Request
-from trisocks.server.common import ClientStream, format_sockaddr, relay_session
+from trisocks.server.common import ClientStream, relay_session
 from trisocks.server.connect import dial_target
 from trisocks.server.context import ServerContext
 from trisocks.server.dial import Denied

@@ -39,12 +39,13 @@ import os
 import socket
 import ssl
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
 from trisocks.sessions import Counters
+from trisocks.throttle import Throttle
 
 __all__ = ["CopyEngine", "Engine", "SpliceEngine", "make_engine", "relay", "relay_streams"]
 
@@ -60,9 +61,6 @@ PROBE = 8 * 1024
 _ALREADY_CLOSED = (errno.ENOTCONN, errno.EPIPE)
 """``shutdown(SHUT_WR)`` failing so means the receiver closed (or reset) first."""
 
-Throttle = Callable[[int], Awaitable[None]]
-"""Awaited after each chunk with its size (a rate limit sleeps in it); ``None`` when no limit
-applies, so the unthrottled path pays one ``is None`` test per chunk and nothing else."""
 
 
 class Engine:

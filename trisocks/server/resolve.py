@@ -14,8 +14,9 @@ import socket
 
 import trio
 
+from trisocks.net import ip_of
 from trisocks.protocol import Address, AddressType, Command, Reply, Request
-from trisocks.server.common import ClientStream, ip_of, send_reply
+from trisocks.server.common import ClientStream, send_reply
 from trisocks.server.context import ServerContext
 from trisocks.server.dial import literal, resolve
 from trisocks.server.errors import reply_for

@@ -17,19 +17,19 @@ import trio
 from trio.lowlevel import wait_readable
 
 from trisocks.accounting import Accountant
-from trisocks.admin.revocation import CredentialWatcher
 from trisocks.auth import Authenticator
 from trisocks.config import Config
-from trisocks.fleet.backend import UserStore
-from trisocks.fleet.cache import CachedStore
 from trisocks.fleet.node import FleetNode, fleet_enabled
 from trisocks.fleet.workers import worker_index
-from trisocks.server.common import format_sockaddr
+from trisocks.net import format_sockaddr
 from trisocks.server.context import ServerContext
 from trisocks.server.listeners import open_listeners
 from trisocks.server.relay import make_engine
+from trisocks.server.revocation import CredentialWatcher
 from trisocks.server.session import handle_client
 from trisocks.sessions import SessionRegistry
+from trisocks.store.cache import CachedStore
+from trisocks.store.interface import UserStore
 from trisocks.tls import server_context
 
 __all__ = ["serve"]

@@ -15,11 +15,12 @@ from typing import Any, cast
 import trio
 
 from trisocks.logs import quote
+from trisocks.net import format_sockaddr, ip_of
 from trisocks.policy.rules import IP
 from trisocks.protocol import Command, Reply, Request
 from trisocks.protocol.proxy import ProxyProtocolError
 from trisocks.server.bind import handle_bind
-from trisocks.server.common import ClientStream, format_sockaddr, ip_of, send_reply
+from trisocks.server.common import ClientStream, send_reply
 from trisocks.server.connect import handle_connect
 from trisocks.server.context import ServerContext
 from trisocks.server.detect import detect

@@ -32,6 +32,7 @@ import attrs
 import trio
 
 from trisocks.gss.stream import GssStream
+from trisocks.net import ip_of
 from trisocks.protocol import (
     Address,
     AddressType,
@@ -46,7 +47,6 @@ from trisocks.protocol import (
 from trisocks.server.common import (
     ClientStream,
     announced_address,
-    ip_of,
     open_local_socket,
     send_reply,
     watch_control,

@@ -34,10 +34,11 @@ import attrs
 import trio
 
 from trisocks.policy.quotas import UserLimits, period_starts
-from trisocks.store import Snapshot, Store, StoreError, UsageDelta, UserUsage, validate_username
+from trisocks.store.records import Snapshot, StoreError, UsageDelta, UserUsage, validate_username
+from trisocks.store.sqlite import Store
 
 if TYPE_CHECKING:
-    from trisocks.fleet.postgres import PostgresStore
+    from trisocks.store.postgres import PostgresStore
 
 Backend: TypeAlias = "PostgresStore | Store"
 
@@ -47,8 +48,8 @@ log = logging.getLogger("trisocks.fleet")
 
 REFRESH_INTERVAL: float | None = None
 """Seconds between reloads when no notification asked for one: ``None`` for the backend's
-(``REFRESH_INTERVAL`` of :class:`~trisocks.store.Store`, of
-:class:`~trisocks.fleet.postgres.PostgresStore`)."""
+(``REFRESH_INTERVAL`` of :class:`~trisocks.store.sqlite.Store`, of
+:class:`~trisocks.store.postgres.PostgresStore`)."""
 
 
 @attrs.frozen
@@ -63,10 +64,10 @@ def _month_start() -> str:
 
 
 class CachedStore:
-    """A :class:`~trisocks.fleet.postgres.PostgresStore` or :class:`~trisocks.store.Store`
+    """A :class:`~trisocks.store.postgres.PostgresStore` or :class:`~trisocks.store.sqlite.Store`
     behind a snapshot (module docstring).
 
-    Its reads and writes are those of :class:`trisocks.store.Store`; :meth:`run` must run in
+    Its reads and writes are those of :class:`trisocks.store.sqlite.Store`; :meth:`run` must run in
     the server's trio loop for writes to leave and others' writes to arrive.
     """
 

@@ -5,7 +5,7 @@ schema is refused with one line (:func:`schema_error`), read-only opens included
 runs in WAL mode so the CLI can add users while a server is running. Calls are short, indexed
 single-row statements; the one slow operation, password hashing, happens outside (see
 :mod:`trisocks.passwords`). The server never calls them on the trio loop: a write can wait up
-to ``busy_timeout`` for another process's lock (:mod:`trisocks.fleet.cache`).
+to ``busy_timeout`` for another process's lock (:mod:`trisocks.store.cache`).
 
 Files: a data directory the store creates is 0700, a database file it creates 0600 whatever
 the umask (SQLite gives ``-wal`` and ``-shm`` the database's mode); an existing database that
@@ -15,25 +15,27 @@ its group or others may read is opened with a warning naming it (:func:`warn_if_
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
-
-import attrs
 
 from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, period_starts
+from trisocks.store.files import create_private, warn_if_readable
+from trisocks.store.legacy import PER_USER_TABLES, rename_legacy_names
+from trisocks.store.records import (
+    Snapshot,
+    StoreError,
+    UsageDelta,
+    UserUsage,
+    schema_error,
+    validate_username,
+)
 
-__all__ = ["ANONYMOUS", "Store", "StoreError", "UsageDelta", "UserUsage", "rename_legacy_names",
-           "schema_error", "validate_username", "warn_if_readable"]
+__all__ = ["Store"]
 
 log = logging.getLogger("trisocks.store")
 
-ANONYMOUS = "(anonymous)"
-"""The name sessions without authentication are accounted under; no user can take it."""
 
 _MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     """
@@ -75,133 +77,10 @@ _MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     # 3: user names in their normalized form (trisocks.usernames), where that is possible.
     lambda db: rename_legacy_names(lambda sql, params=(): db.execute(sql, params).fetchall()),
 )
-_PER_USER_TABLES = ("usage", "usage_daily", "user_limits")
-"""Rows keyed by user name: a removed (or re-added) user starts from nothing."""
-
-_Execute = Callable[..., list[tuple[Any, ...]]]
-
-
-def rename_legacy_names(execute: _Execute) -> None:
-    """Migration: rename users stored by an older trisocks to their normalized names
-    (:func:`trisocks.usernames.normalize_username`), with their accounting and limits. A name
-    that cannot be normalized, or whose normalized form another user has, is kept as it is
-    (it still logs in when typed exactly) and named in a warning. For both backends: *execute*
-    runs one statement (``?`` placeholders) in the migration's transaction."""
-    from trisocks.usernames import normalize_username
-
-    names = [row[0] for row in execute("SELECT name FROM users")]
-    taken = set(names)
-    for name in sorted(names):
-        try:
-            normal = normalize_username(name)
-        except ValueError as exc:
-            log.warning("user %r kept as it is (log in with exactly that name): %s", name, exc)
-            continue
-        if normal == name:
-            continue
-        if normal in taken:
-            log.warning("user %r kept as it is: its normalized name %r is another user's",
-                        name, normal)
-            continue
-        execute("UPDATE users SET name = ? WHERE name = ?", (normal, name))
-        for table in _PER_USER_TABLES:
-            execute(f'DELETE FROM {table} WHERE "user" = ?', (normal,))
-            execute(f'UPDATE {table} SET "user" = ? WHERE "user" = ?', (normal, name))
-        taken.add(normal)
-        log.warning("user %r renamed to %r (normalized, RFC 8265)", name, normal)
-
-
-def schema_error(where: str, version: int, known: int) -> StoreError:
-    """The one line for a database this trisocks cannot use (a newer or unknown schema)."""
-    return StoreError(f"database {where} has schema version {version}, this trisocks knows up "
-                      f"to {known}: upgrade trisocks, or use another database")
-
-
-def warn_if_readable(path: Path) -> None:
-    """Log a warning naming *path* when its group or others may read it (password hashes,
-    the admin token)."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("%s is readable by %s (mode %04o); it holds secrets: chmod 600 %s",
-                    path, "others" if mode & stat.S_IRWXO else "its group",
-                    stat.S_IMODE(mode), path)
-
-
-def _create_private(path: Path) -> None:
-    """Create *path* empty with mode 0600 whatever the umask, unless it exists."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-
-
-class StoreError(Exception):
-    """A user-facing problem with the store (duplicate user, unknown user, bad name)."""
-
-
-def validate_username(name: str) -> str:
-    """Names are 1..255 UTF-8 bytes (RFC 1929 ULEN), without control characters."""
-    raw = name.encode()
-    if not raw:
-        raise StoreError("user name must not be empty")
-    if len(raw) > 255:
-        raise StoreError(f"user name is {len(raw)} bytes; RFC 1929 allows at most 255")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise StoreError("user name must not contain control characters")
-    if name == ANONYMOUS:
-        raise StoreError(f"{ANONYMOUS} is reserved for unauthenticated sessions")
-    if name.startswith("("):  # (anonymous), (other) in metrics: the server's own rows
-        raise StoreError("user names starting with '(' are reserved, like (anonymous)")
-    return name
-
-
-@attrs.frozen
-class UsageDelta:
-    """Counters to add to one user's totals."""
-
-    sessions: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    datagrams_up: int = 0
-    datagrams_down: int = 0
-    last_seen: float | None = None
-
-
-@attrs.frozen
-class UserUsage:
-    """Persisted totals for one user."""
-
-    user: str
-    sessions_total: int
-    bytes_up: int
-    bytes_down: int
-    datagrams_up: int
-    datagrams_down: int
-    last_seen: float | None
-
-
-@attrs.define
-class Snapshot:
-    """Everything the server reads per session, loaded in one go for the cache
-    (:class:`trisocks.fleet.cache.CachedStore`), from either backend."""
-
-    passwords: dict[str, str]
-    limits: dict[str, UserLimits]
-    usage: dict[str, UserUsage]
-    daily: dict[str, dict[str, int]]
-    """``user -> day -> bytes`` (both directions) for the days from the snapshot's start on."""
-
 
 class Store:
     """A handle on the SQLite file. Not thread-safe: use it from one thread at a time (the
-    CLI; the server reaches it only through :class:`trisocks.fleet.cache.CachedStore`, from
+    CLI; the server reaches it only through :class:`trisocks.store.cache.CachedStore`, from
     worker threads, so a lock held by another process never stalls the trio loop)."""
 
     TRANSIENT_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)
@@ -227,7 +106,7 @@ class Store:
         warn_if_readable(path)
         try:
             if not read_only:
-                _create_private(path)  # SQLite gives -wal and -shm the database's mode
+                create_private(path)  # SQLite gives -wal and -shm the database's mode
         except OSError as exc:
             raise StoreError(f"cannot create database {path}: {exc.strerror}") from None
         try:
@@ -352,7 +231,7 @@ class Store:
             self._forget(name)
 
     def _forget(self, name: str) -> None:
-        for table in _PER_USER_TABLES:
+        for table in PER_USER_TABLES:
             self._db.execute(f"DELETE FROM {table} WHERE user = ?", (name,))
 
     def password_hash(self, name: str) -> str | None:

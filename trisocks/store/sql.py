@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from trisocks.store import StoreError
+from trisocks.store.records import StoreError
 
 if TYPE_CHECKING:
     import psycopg_pool

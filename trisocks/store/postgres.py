@@ -1,13 +1,13 @@
-"""The store on PostgreSQL: the users, per-user accounting and limits of :mod:`trisocks.store`,
-shared by every instance of a fleet.
+"""The store on PostgreSQL: the users, per-user accounting and limits of the SQLite store
+(:mod:`trisocks.store.sqlite`), shared by every instance of a fleet.
 
 The tables and their meaning are those of the SQLite store (same names, same columns; a test
 compares the two schemas), in PostgreSQL's dialect. Every write also sends a notification on
 ``trisocks_store`` in its transaction, so running instances refresh their cached view
-(:mod:`trisocks.fleet.cache`) right after it commits, not at their next periodic refresh.
+(:mod:`trisocks.store.cache`) right after it commits, not at their next periodic refresh.
 
 Calls block (psycopg, a connection pool): the CLI makes them directly; the server only through
-:class:`~trisocks.fleet.cache.CachedStore`, from worker threads.
+:class:`~trisocks.store.cache.CachedStore`, from worker threads.
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from trisocks.fleet.sql import Cursor, PostgresDatabase, migrate
 from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, period_starts
-from trisocks.store import (
+from trisocks.store.legacy import rename_legacy_names
+from trisocks.store.records import (
     Snapshot,
     StoreError,
     UsageDelta,
     UserUsage,
-    rename_legacy_names,
     schema_error,
     validate_username,
 )
+from trisocks.store.sql import Cursor, PostgresDatabase, migrate
 
 __all__ = ["STORE_CHANNEL", "PostgresStore", "Snapshot"]
 
