@@ -137,7 +137,8 @@ def trisocks_command() -> list[str] | None:
     exe = Path(sys.executable).parent / "trisocks"
     if exe.exists():
         return [str(exe)]
-    if (REPO / "trisocks" / "__main__.py").exists() or importlib.util.find_spec("trisocks.cli"):
+    main = importlib.util.find_spec("trisocks.cli.main")
+    if (REPO / "trisocks" / "__main__.py").exists() or main:
         return [sys.executable, "-m", "trisocks"]
     return None
 

@@ -28,9 +28,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from trisocks.admin.server import serve_with_admin
 from trisocks.config import Config, Endpoint
 from trisocks.passwords import hash_password
-from trisocks.server.serve import serve
 from trisocks.store.sqlite import Store
 
 USER, PASSWORD = b"bench", b"benchpass"
@@ -98,7 +98,7 @@ async def _with_server(body):  # type: ignore[no-untyped-def]
                 log_level="warning",
             )
             async with trio.open_nursery() as nursery:
-                ctx = await nursery.start(serve, config, store)
+                ctx = await nursery.start(serve_with_admin, config, store)
                 await body(ctx.listening[0][1], target)
                 nursery.cancel_scope.cancel()
         finally:

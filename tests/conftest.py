@@ -2,14 +2,17 @@
 
 1. Every target is on loopback (127.0.0.1 or ::1); every server a test needs is started by the
    test (or a fixture) on port 0 and stopped by it.
-2. Async tests run under pytest-trio (``trio_mode``); each has a deadline (``fail_after``) so a
-   hang fails fast instead of stalling CI.
+2. Async tests run under pytest-trio (``trio_mode``); each has a deadline so a hang fails fast
+   instead of stalling CI: :func:`pytest_collection_modifyitems` runs every async test inside
+   ``DEADLINE`` seconds of trio time (virtual time under the autojump clock); a slow test says
+   so with ``@pytest.mark.deadline(seconds)``. Tests may keep tighter ``fail_after`` blocks.
 3. Real sockets for end-to-end behaviour, in-memory streams and the autojump clock for timing.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import ipaddress
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -20,13 +23,59 @@ import attrs
 import pytest
 import trio
 
+import trisocks.passwords
+from trisocks.admin.server import serve_with_admin
 from trisocks.config import Config, Endpoint
 from trisocks.passwords import hash_password
 from trisocks.server.context import ServerContext
-from trisocks.server.serve import serve
 from trisocks.store.sqlite import Store
 
 USER, PASSWORD = "alice", "s3cret-pass"
+
+DEADLINE = 60.0
+"""Seconds (of trio time) an async test may run unless marked ``@pytest.mark.deadline(s)``."""
+
+CHEAP_LOG2_N = 4
+"""The scrypt cost (log2 n) the suite hashes with; stored hashes carry their cost, so verifying
+works the same. A test marked ``@pytest.mark.production_scrypt`` sees the production cost."""
+
+
+def _with_deadline(test: Callable[..., Any], seconds: float, nodeid: str) -> Callable[..., Any]:
+    """*test* (an async test function) run inside a ``seconds`` cancel scope; running out fails
+    the test with a message naming the deadline. ``functools.wraps`` keeps the signature, so
+    pytest and pytest-trio still see the test's fixtures."""
+
+    @functools.wraps(test)
+    async def run_with_deadline(*args: Any, **kwargs: Any) -> None:
+        __tracebackhide__ = True
+        with trio.move_on_after(seconds) as scope:
+            await test(*args, **kwargs)
+        if scope.cancelled_caught:
+            pytest.fail(
+                f"{nodeid} did not finish within its deadline of {seconds:g} s of trio time "
+                "(conftest DEADLINE; a slow test says @pytest.mark.deadline(seconds))",
+                pytrace=False,
+            )
+
+    return run_with_deadline
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every async test function a deadline (see :func:`_with_deadline`)."""
+    for item in items:
+        if not isinstance(item, pytest.Function) or not inspect.iscoroutinefunction(item.obj):
+            continue
+        marker = item.get_closest_marker("deadline")
+        seconds = float(marker.args[0]) if marker else DEADLINE
+        item.obj = _with_deadline(item.obj, seconds, item.nodeid)
+
+
+@pytest.fixture(autouse=True)
+def cheap_scrypt(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hash passwords in this process with :data:`CHEAP_LOG2_N` (logins then cost microseconds,
+    not tens of milliseconds); the production default in trisocks.passwords is unchanged."""
+    if request.node.get_closest_marker("production_scrypt") is None:
+        monkeypatch.setattr(trisocks.passwords, "_LOG2_N", CHEAP_LOG2_N)
 
 
 def have_ipv6() -> bool:
@@ -86,7 +135,7 @@ def start_proxy(
 
     async def start(**overrides: Any) -> Proxy:
         config = make_config(db_path, **overrides)
-        ctx = await nursery.start(serve, config, store)
+        ctx = await nursery.start(serve_with_admin, config, store)
         host, port = ctx.listening[0][:2]
         return Proxy(ctx, host, port)
 
@@ -253,11 +302,41 @@ async def http_origin(nursery: trio.Nursery) -> HttpOrigin:
     return HttpOrigin(host, port, BLOB)
 
 
-async def eventually(predicate: Callable[[], object], limit: float = 2.0) -> None:
-    """Wait (polling) until *predicate()* is true; fail after *limit* seconds."""
+async def eventually(check: Callable[[], Any], limit: float = 2.0, interval: float = 0.005) -> Any:
+    """Poll *check* (sync or async) until it returns something truthy, and return that; fail
+    (``trio.TooSlowError``) after *limit* seconds.
+
+    For what changes without an event to wait on: counters, fd tables, another task's state."""
     with trio.fail_after(limit):
-        while not predicate():  # noqa: ASYNC110 - polls state that has no event to wait on
-            await trio.sleep(0.005)
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return result
+            await trio.sleep(interval)
+
+
+async def wait_closed(stream: trio.abc.ReceiveStream, *, reset_ok: bool = True) -> bytes:
+    """Read *stream* until the peer has closed it (EOF, or also a reset if *reset_ok*) and
+    return what arrived before that."""
+    data = bytearray()
+    try:
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    except trio.BrokenResourceError:
+        if not reset_ok:
+            raise
+    return bytes(data)
+
+
+async def assert_closed(stream: trio.abc.Stream, *, reset_ok: bool = True) -> None:
+    """The peer closes *stream* without sending anything more (:func:`wait_closed`); then it is
+    closed here too."""
+    try:
+        assert await wait_closed(stream, reset_ok=reset_ok) == b""
+    finally:
+        await stream.aclose()
 
 
 class LoopbackResolver(trio.abc.HostnameResolver):

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from trisocks.accounting import Accountant
+from trisocks.protocol import Address, Command
 from trisocks.sessions import SessionRegistry
 from trisocks.store.records import UsageDelta, UserUsage
 from trisocks.store.sqlite import Store
@@ -33,8 +34,8 @@ async def test_a_failed_last_flush_is_logged_not_raised(
     registry = SessionRegistry()
     store = BrokenStore()
     accountant = Accountant(store, registry)  # type: ignore[arg-type]
-    with registry.track("127.0.0.1:1") as session:
-        session.user, session.command = "alice", "CONNECT"
+    with registry.track(Address.of("127.0.0.1", 1)) as session:
+        session.user, session.command = "alice", Command.CONNECT
         session.counters.bytes_up = 10
     async with trio.open_nursery() as nursery:
         nursery.start_soon(accountant.run, 2.0)
@@ -65,8 +66,8 @@ async def test_reading_every_user_runs_off_the_loop_and_survives_a_flush(
         return result
 
     monkeypatch.setattr(Store, "read_all", read_in_thread)
-    with registry.track("127.0.0.1:1") as session:
-        session.user, session.command = "alice", "CONNECT"
+    with registry.track(Address.of("127.0.0.1", 1)) as session:
+        session.user, session.command = "alice", Command.CONNECT
         session.counters.bytes_up = 100
         persisted, names = await accountant.read_all()
         (row,) = accountant.live_usage(persisted=persisted)

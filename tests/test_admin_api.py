@@ -12,17 +12,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import (
-    PASSWORD,
-    USER,
-    Proxy,
-    make_config,
-    open_connect,
-    read_reply,
-    receive_exactly,
-    socks_handshake,
-)
-from tests.test_admin_support import (
+from tests.admin_support import (
     ADMIN,
     TOKEN,
     admin_proxy,
@@ -30,14 +20,24 @@ from tests.test_admin_support import (
     api,
     auth_status,
     echo_round,
-    eventually,
     fd_count,
     session_of,
     socket_count,
+)
+from tests.conftest import (
+    PASSWORD,
+    USER,
+    Proxy,
+    eventually,
+    make_config,
+    open_connect,
+    read_reply,
+    receive_exactly,
+    socks_handshake,
     wait_closed,
 )
+from trisocks.admin.server import serve_with_admin
 from trisocks.passwords import hash_password
-from trisocks.server.serve import serve
 from trisocks.store.sqlite import Store
 
 __all__ = ["admin_proxy", "api"]  # fixtures used by name
@@ -84,12 +84,12 @@ async def test_delete_ends_exactly_that_session(
             async def gone() -> bool:
                 return (await api.get(f"/api/sessions/{target['id']}")).status_code == 404
 
-            await eventually(gone)
+            await eventually(gone, limit=10)
             assert (await api.delete(f"/api/sessions/{target['id']}")).status_code == 404
             assert len((await api.get("/api/sessions")).json()["sessions"]) == 1
 
 
-async def test_kill_closes_every_socket_within_100ms(
+async def test_kill_closes_every_socket(
     admin_proxy: Proxy, api: httpx.AsyncClient, echo_server: Echo
 ) -> None:
     with trio.fail_after(10):
@@ -97,7 +97,7 @@ async def test_kill_closes_every_socket_within_100ms(
         # API client's pooled connection), so that the baseline holds only that.
         async with await open_connect(admin_proxy, echo_server) as stream:
             await echo_round(stream, b"warm-up")
-        await eventually(lambda: not admin_proxy.ctx.registry.select())
+        await eventually(lambda: not admin_proxy.ctx.registry.select(), limit=10)
         await api.get("/healthz")
         baseline, sockets = fd_count(), socket_count()
         stream = await open_connect(admin_proxy, echo_server)
@@ -105,11 +105,9 @@ async def test_kill_closes_every_socket_within_100ms(
         session = await session_of(api)
         # The client, the proxy's two sockets, the echo server's.
         assert socket_count() == sockets + 4
-        started = trio.current_time()
         await api.delete(f"/api/sessions/{session['id']}")
-        # Only the test's own client socket may remain.
-        await eventually(lambda: socket_count() == sockets + 1, interval=0.002)
-        assert trio.current_time() - started < 0.1
+        # Only the test's own client socket may remain (how soon: benchmarks/service_levels.py).
+        await eventually(lambda: socket_count() == sockets + 1, limit=10, interval=0.002)
         await wait_closed(stream)
         await stream.aclose()
         # A pooled pipe with unsent data is closed rather than reused: fewer fds, never more.
@@ -120,7 +118,7 @@ async def test_kill_closes_every_socket_within_100ms(
     (b"\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x00", 2),  # BIND from 127.0.0.1: control, listener
     (b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00", 3),  # UDP: control, relay, outbound
 ], ids=["BIND", "UDP"])
-async def test_kill_closes_bind_listener_and_udp_sockets_within_100ms(
+async def test_kill_closes_bind_listener_and_udp_sockets(
     admin_proxy: Proxy, api: httpx.AsyncClient, request_: bytes, proxy_sockets: int
 ) -> None:
     with trio.fail_after(10), trio.socket.socket(type=socket.SOCK_DGRAM) as udp_client:
@@ -136,12 +134,10 @@ async def test_kill_closes_bind_listener_and_udp_sockets_within_100ms(
             if request_[1] == 3:  # a datagram to anywhere makes the outbound socket
                 datagram = b"\x00\x00\x00\x01\x7f\x00\x00\x01\x00\x09" + b"discard me"
                 await udp_client.sendto(datagram, ("127.0.0.1", port))
-            await eventually(lambda: socket_count() == sockets + 1 + proxy_sockets)
+            await eventually(lambda: socket_count() == sockets + 1 + proxy_sockets, limit=10)
             (session,) = (await api.get("/api/sessions")).json()["sessions"]
-            started = trio.current_time()
             await api.delete(f"/api/sessions/{session['id']}")
-            await eventually(lambda: socket_count() == sockets + 1, interval=0.002)
-            assert trio.current_time() - started < 0.1
+            await eventually(lambda: socket_count() == sockets + 1, limit=10, interval=0.002)
             await wait_closed(control)
         assert socket_count() == sockets
 
@@ -198,7 +194,7 @@ async def test_user_totals_equal_payload_and_survive_restart(
 
     with trio.fail_after(20):
         async with trio.open_nursery() as first_run:
-            ctx = await first_run.start(serve, config, store)
+            ctx = await first_run.start(serve_with_admin, config, store)
             proxy = Proxy(ctx, *ctx.listening[0])
             async with await open_connect(proxy, target) as stream:
                 await stream.send_all(b"u" * up)
@@ -209,13 +205,13 @@ async def test_user_totals_equal_payload_and_survive_restart(
                 row = await usage(proxy)
                 return None if row["active_sessions"] else row
 
-            live = await eventually(ended)
+            live = await eventually(ended, limit=20)
             assert (live["bytes_up"], live["bytes_down"], live["sessions_total"]) == (up, down, 1)
             ctx.shutdown.set()  # the flush interval is 60 s: only the shutdown flush persists
         restarted_store = Store(db_path)
         try:
             async with trio.open_nursery() as second_run:
-                ctx = await second_run.start(serve, config, restarted_store)
+                ctx = await second_run.start(serve_with_admin, config, restarted_store)
                 after = await usage(Proxy(ctx, *ctx.listening[0]))
                 ctx.shutdown.set()
         finally:

@@ -12,15 +12,8 @@ from typing import Any
 
 import trio
 
-from tests.conftest import USER, Proxy, open_connect
-from tests.test_admin_support import (
-    ADMIN,
-    TOKEN,
-    admin_proxy,
-    admin_url,
-    echo_round,
-    wait_closed,
-)
+from tests.admin_support import ADMIN, TOKEN, admin_proxy, admin_url, echo_round
+from tests.conftest import USER, Proxy, open_connect, wait_closed
 
 __all__ = ["admin_proxy"]  # fixtures used by name
 

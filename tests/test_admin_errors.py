@@ -22,12 +22,12 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.admin_support import ADMIN, TOKEN, EventStream, admin_proxy, admin_url, api
 from tests.conftest import USER, Proxy, make_config
 from tests.test_admin_openapi import check
-from tests.test_admin_support import ADMIN, TOKEN, EventStream, admin_proxy, admin_url, api
 from trisocks.admin.app import SECURITY_HEADERS
+from trisocks.admin.server import serve_with_admin
 from trisocks.policy.quotas import LIMIT_FIELDS
-from trisocks.server.serve import serve
 from trisocks.store.records import StoreError
 from trisocks.store.sqlite import Store
 
@@ -407,7 +407,7 @@ def threaded_admin(store: Store, db_path: Path) -> Iterator[httpx.Client]:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            ctx = await nursery.start(serve, config, store)
+            ctx = await nursery.start(serve_with_admin, config, store)
             started.put((ctx, trio.lowlevel.current_trio_token()))
 
     def run() -> None:

@@ -14,21 +14,11 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import USER, Proxy, make_config, open_connect
-from tests.test_admin_support import (
-    ADMIN,
-    TOKEN,
-    EventStream,
-    admin_proxy,
-    admin_url,
-    api,
-    echo_round,
-    eventually,
-    wait_closed,
-)
+from tests.admin_support import ADMIN, TOKEN, EventStream, admin_proxy, admin_url, api, echo_round
+from tests.conftest import USER, Proxy, eventually, make_config, open_connect, wait_closed
 from trisocks.admin.events import EventHub
-from trisocks.admin.server import GRACEFUL_TIMEOUT
-from trisocks.server.serve import serve
+from trisocks.admin.server import GRACEFUL_TIMEOUT, serve_with_admin
+from trisocks.protocol import Address
 from trisocks.sessions import Session, SessionRegistry
 
 __all__ = ["admin_proxy", "api"]  # fixtures used by name
@@ -53,7 +43,7 @@ def drain(channel: trio.MemoryReceiveChannel[bytes]) -> list[tuple[str, list[str
 
 @contextlib.contextmanager
 def live_session(registry: SessionRegistry) -> Iterator[Session]:
-    with registry.track("127.0.0.1:5000") as session:
+    with registry.track(Address.of("127.0.0.1", 5000)) as session:
         yield session
 
 
@@ -129,7 +119,7 @@ async def test_live_stream_follows_a_session(
                     event, sessions = await events.next_event()
                     return event == "update" and sessions[0]["bytes_down"] == 1234
 
-                await eventually(counted)
+                await eventually(counted, limit=10)
                 await api.delete(f"/api/sessions/{started['id']}")
                 await wait_closed(stream)
             event, (ended,) = await events.next_event()
@@ -167,7 +157,7 @@ async def test_shutdown_ends_open_event_streams(
     config = make_config(db_path, admin=ADMIN, admin_token=TOKEN)
     with trio.fail_after(10):
         async with trio.open_nursery() as run:
-            ctx = await run.start(serve, config, store)
+            ctx = await run.start(serve_with_admin, config, store)
             events = await EventStream.open(Proxy(ctx, *ctx.listening[0]))
             try:
                 assert await events.next_event() == ("start", [])

@@ -6,14 +6,8 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.admin_support import admin_proxy, api, auth_status, echo_round, session_of
 from tests.conftest import USER, Proxy, open_connect
-from tests.test_admin_support import (
-    admin_proxy,
-    api,
-    auth_status,
-    echo_round,
-    session_of,
-)
 from trisocks.admin.metrics import OTHER_USERS, fold_users
 
 __all__ = ["admin_proxy", "api"]  # fixtures used by name

@@ -11,13 +11,8 @@ import jsonschema
 import trio
 from openapi_spec_validator import validate
 
+from tests.admin_support import admin_proxy, api, echo_round, session_of
 from tests.conftest import USER, Proxy, open_connect
-from tests.test_admin_support import (
-    admin_proxy,
-    api,
-    echo_round,
-    session_of,
-)
 from trisocks.admin.app import create_app
 from trisocks.admin.events import EventHub
 from trisocks.admin.openapi import OPENAPI

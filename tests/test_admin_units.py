@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 import trio
 
-from tests.conftest import USER, Proxy, open_connect
-from tests.test_admin_support import TOKEN, echo_round, wait_closed
+from tests.admin_support import TOKEN, echo_round
+from tests.conftest import USER, Proxy, open_connect, wait_closed
+from tests.session_support import session_from_text
 from trisocks.admin.app import create_app
-from trisocks.admin.client import format_table
 from trisocks.admin.events import EventHub
 from trisocks.admin.filters import FilterError, SessionFilter
 from trisocks.admin.tokens import check_bearer, resolve_token
+from trisocks.cli.admin_client import format_table
 from trisocks.config import Config
 from trisocks.passwords import hash_password
 from trisocks.sessions import Session
@@ -25,7 +26,7 @@ from trisocks.store.sqlite import Store
 
 
 def session(**fields: Any) -> Session:
-    return Session("abcd0123", fields.pop("client", "10.1.2.3:4000"), **fields)
+    return session_from_text("abcd0123", fields.pop("client", "10.1.2.3:4000"), **fields)
 
 
 @pytest.mark.parametrize(("args", "matches"), [

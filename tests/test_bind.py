@@ -9,6 +9,7 @@ from typing import Any
 import trio
 
 from tests.conftest import Proxy, receive_all, receive_exactly, socks_handshake
+from trisocks.protocol import Command
 
 LOCALHOST4 = b"\x01\x7f\x00\x00\x01"  # ATYP=IPv4 127.0.0.1
 
@@ -69,10 +70,10 @@ async def test_bind_replies_and_relays_both_ways(proxy: Proxy) -> None:
     with trio.fail_after(10):
         control, port = await start_bind(proxy)
         [session] = proxy.ctx.registry.select()
-        assert (session.command, session.state) == ("BIND", "connecting")
+        assert (session.command, session.state) == (Command.BIND, "connecting")
         async with control, await connect_from("127.0.0.1", port) as peer:
             assert await receive_exactly(control, 10) == success_reply(peer)
-            assert session.resolved == f"127.0.0.1:{peer.socket.getsockname()[1]}"
+            assert str(session.resolved) == f"127.0.0.1:{peer.socket.getsockname()[1]}"
             await control.send_all(b"from client")
             assert await receive_exactly(peer, 11) == b"from client"
             assert session.state == "relaying"

@@ -18,6 +18,7 @@ from tests.conftest import (
     PASSWORD,
     USER,
     Proxy,
+    assert_closed,
     connect_request,
     echo_round_trip,
     eventually,
@@ -26,7 +27,7 @@ from tests.conftest import (
     receive_exactly,
     socks_handshake,
 )
-from trisocks.protocol import Reply
+from trisocks.protocol import Command, Reply
 
 
 async def request_reply(proxy: Proxy, request: bytes) -> tuple[trio.SocketStream, int, bytes, int]:
@@ -35,16 +36,6 @@ async def request_reply(proxy: Proxy, request: bytes) -> tuple[trio.SocketStream
     await stream.send_all(request)
     rep, addr, port = await read_reply(stream)
     return stream, rep, addr, port
-
-
-async def assert_closed(stream: trio.SocketStream) -> None:
-    """The server closed the connection: EOF (or a reset) and nothing more."""
-    try:
-        assert await stream.receive_some(100) == b""
-    except trio.BrokenResourceError:
-        pass
-    finally:
-        await stream.aclose()
 
 
 def closed_port() -> int:
@@ -87,8 +78,8 @@ async def test_connect_domain_target_resolved_by_server(
         await stream.send_all(b"by name")
         assert await receive_exactly(stream, 7) == b"by name"
         session = next(iter(proxy.ctx.registry))
-        assert session.target == f"localhost:{echo_server[1]}"
-        assert session.resolved == f"127.0.0.1:{echo_server[1]}"
+        assert str(session.target) == f"localhost:{echo_server[1]}"
+        assert str(session.resolved) == f"127.0.0.1:{echo_server[1]}"
         await stream.aclose()
 
 
@@ -148,7 +139,7 @@ async def test_counters_are_payload_bytes(proxy: Proxy, echo_server: tuple[str, 
         await stream.send_all(b"x" * 1000)
         await receive_exactly(stream, 1000)
         assert session.counters.bytes_up == 1000 and session.counters.bytes_down == 1000
-        assert session.user == USER and session.command == "CONNECT"
+        assert session.user == USER and session.command == Command.CONNECT
         await stream.aclose()
 
 
@@ -356,6 +347,7 @@ async def test_handshake_timeout_closes_silent_client(
     assert proxy.ctx.stats.handshake_failures["timeout"] == 1
 
 
+@pytest.mark.deadline(180)  # virtual time: 30 s, then the 60 s idle timeout
 async def test_idle_relay_times_out(
     start_proxy: Any, echo_server: tuple[str, int], mock_clock: trio.testing.MockClock
 ) -> None:
@@ -379,12 +371,13 @@ async def test_graceful_shutdown_drains_then_stops(
     nursery: trio.Nursery, store: Any, db_path: Any, echo_server: tuple[str, int]
 ) -> None:
     from tests.conftest import make_config
-    from trisocks.server.serve import serve
+    from trisocks.admin.server import serve_with_admin
 
     done = trio.Event()
 
     async def run(task_status: Any) -> None:
-        await serve(make_config(db_path, shutdown_grace=5), store, task_status=task_status)
+        config = make_config(db_path, shutdown_grace=5)
+        await serve_with_admin(config, store, task_status=task_status)
         done.set()
 
     ctx = await nursery.start(run)
@@ -412,10 +405,10 @@ async def test_shutdown_grace_cancels_stragglers(
     mock_clock: trio.testing.MockClock,
 ) -> None:
     from tests.conftest import make_config
-    from trisocks.server.serve import serve
+    from trisocks.admin.server import serve_with_admin
 
     mock_clock.autojump_threshold = 0.05
-    ctx = await nursery.start(serve, make_config(db_path, shutdown_grace=7), store)
+    ctx = await nursery.start(serve_with_admin, make_config(db_path, shutdown_grace=7), store)
     proxy = Proxy(ctx, *ctx.listening[0][:2])
     stream, rep, _, _ = await request_reply(proxy, connect_request(*echo_server))
     assert rep == 0

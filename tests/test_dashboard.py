@@ -148,6 +148,7 @@ def chromium() -> Path:
     return CHROMIUM
 
 
+@pytest.mark.deadline(150)  # a browser scenario inside fail_after(90), after the page's own
 async def test_dashboard_live_sessions_kill_and_user_management(
     start_proxy: Callable[..., Any], nursery: trio.Nursery, chromium: Path
 ) -> None:

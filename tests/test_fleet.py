@@ -21,7 +21,8 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import PASSWORD, USER, open_connect
+from tests.admin_support import echo_round
+from tests.conftest import PASSWORD, USER, eventually, open_connect, wait_closed
 from tests.fleet_support import (
     TOKEN,
     Trisocks,
@@ -31,7 +32,6 @@ from tests.fleet_support import (
     run_haproxy,
     run_trisocks,
 )
-from tests.test_admin_support import echo_round, eventually, wait_closed
 from tests.test_proxy_protocol_server import _refused
 from trisocks.net import format_sockaddr
 from trisocks.passwords import hash_password
@@ -102,7 +102,7 @@ async def test_through_haproxy_listed_killed_from_another_instance_and_accounted
                 await echo_round(stream, PAYLOAD)
                 streams[format_sockaddr(stream.socket.getsockname())] = stream
                 for api in admins:  # fleet-wide, with the client's real address
-                    listed = await eventually(lambda api=api: _listed(api, set(streams)))
+                    listed = await eventually(lambda api=api: _listed(api, set(streams)), limit=60)
                 if len({s["instance"] for s in listed}) == 2 or len(streams) == 32:
                     break
             assert len({s["instance"] for s in listed}) == 2, listed
@@ -130,7 +130,7 @@ async def test_through_haproxy_listed_killed_from_another_instance_and_accounted
                     usage = (await api.get(f"/api/users/{USER}")).json()
                     return (usage["bytes_up"], usage["bytes_down"], usage["sessions_total"]) == (
                         moved, moved, len(streams))
-                await eventually(accounted)
+                await eventually(accounted, limit=60)
 
         for instance in fleet.instances:  # bypassing HAProxy: no PROXY header, no service
             async with await trio.open_tcp_stream("127.0.0.1", instance.port) as direct:

@@ -16,8 +16,10 @@ import psycopg
 import pytest
 
 from tests.fleet_support import pg_url, postgres
-from trisocks.fleet.directory import STALE_AFTER, Directory, Instance, SessionRow
+from tests.session_support import session_from_text
+from trisocks.fleet.directory import STALE_AFTER, Directory, Instance
 from trisocks.policy.quotas import UserLimits
+from trisocks.sessions import SessionView
 from trisocks.store.cache import CachedStore
 from trisocks.store.interface import UserStore
 from trisocks.store.open import open_store
@@ -153,9 +155,12 @@ def test_close_sends_what_is_still_queued(pg_url: str) -> None:
         store.close()
 
 
-def _row(instance: str, session_id: str) -> SessionRow:
-    return SessionRow(instance, session_id, "192.0.2.1:4000", "bob", "CONNECT", "example:443",
-                      None, "relaying", 1.0, 1, 2, 0, 0)
+def _row(instance: str, session_id: str) -> SessionView:
+    session = session_from_text(session_id, "192.0.2.1:4000", user="bob", command="CONNECT",
+                                target="example:443", state="relaying", started_at=1.0,
+                                instance=instance)
+    session.counters.bytes_up, session.counters.bytes_down = 1, 2
+    return session.view()
 
 
 def test_directory_trusts_fresh_heartbeats_only(tmp_path: Path) -> None:

@@ -25,8 +25,15 @@ import pytest
 import trio
 
 from tests import krb
-from tests.conftest import Proxy, connect_request, read_reply, receive_all, receive_exactly
-from tests.test_admin_support import ADMIN, TOKEN, admin_url
+from tests.admin_support import ADMIN, TOKEN, admin_url
+from tests.conftest import (
+    Proxy,
+    connect_request,
+    eventually,
+    read_reply,
+    receive_all,
+    receive_exactly,
+)
 from tests.test_udp import start_udp_echo
 from trisocks.client import (
     GSSAPI,
@@ -73,9 +80,8 @@ def gss_proxy(realm: krb.Realm, start_proxy: Callable[..., Any]) -> Callable[...
     return functools.partial(start_proxy, auth=("gssapi",), gss_keytab=realm.keytab)
 
 
-def test_realm_setup_is_fast_and_kdc_alive(realm: krb.Realm) -> None:
-    assert realm.kdc.poll() is None
-    assert realm.setup_seconds < 1.0, f"realm setup took {realm.setup_seconds:.2f} s"
+def test_realm_kdc_alive(realm: krb.Realm) -> None:
+    assert realm.kdc.poll() is None  # how fast it came up: benchmarks/service_levels.py
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -182,7 +188,7 @@ async def test_connect_moves_data_both_ways_in_wrapped_frames(
             [session] = proxy.ctx.registry.select()
             echoed = await exchange(stream, PAYLOAD)
         assert hashlib.sha256(echoed).digest() == hashlib.sha256(PAYLOAD).digest()
-        await _until(lambda: not len(proxy.ctx.registry))
+        await eventually(lambda: not len(proxy.ctx.registry), limit=10)
     assert session.user == krb.USER
     # Exact payload accounting: the wrapping is not counted.
     assert (session.counters.bytes_up, session.counters.bytes_down) == (len(PAYLOAD),) * 2
@@ -193,11 +199,6 @@ async def test_connect_moves_data_both_ways_in_wrapped_frames(
         assert len(data) >= 5 and max(data) > 60_000  # several frames, each nearly full
     # Level 1 protects integrity only, so the payload is visible on the wire; level 2 hides it.
     assert (PAYLOAD[100_000:100_032] in tap.up) is (level == 1)
-
-
-async def _until(predicate: Callable[[], object]) -> None:
-    while not predicate():  # noqa: ASYNC110 - registry state has no event to wait on
-        await trio.sleep(0.005)
 
 
 async def test_selective_level_is_answered_with_the_closest_accepted(
@@ -239,7 +240,7 @@ async def test_bad_ticket_is_answered_with_abort(gss_proxy: Callable[..., Any]) 
             await stream.send_all(b"\x05\x01\x01" + b"\x01\x01\x00\x05forge")
             assert await receive_exactly(stream, 2) == b"\x05\x01"
             await expect_abort(stream)
-        await _until(lambda: not len(proxy.ctx.registry))
+        await eventually(lambda: not len(proxy.ctx.registry), limit=10)
         assert proxy.ctx.stats.handshake_failures["auth_failed"] == 1
 
 
@@ -295,7 +296,7 @@ async def test_tampered_frame_aborts_and_closes(
                 wire[-1] ^= 0x01  # one bit of the token's checksum
                 await stream.transport.send_all(wire)
             await expect_abort(stream.transport)
-        await _until(lambda: not len(proxy.ctx.registry))
+        await eventually(lambda: not len(proxy.ctx.registry), limit=10)
     assert "GSS-API" in (session.close_reason or "")
 
 
@@ -311,7 +312,7 @@ async def test_server_downgrade_is_refused_by_the_client(
         with pytest.raises(SocksAuthError, match="below"):
             await GSSAPI(level=2, host=LOCALHOST).establish(stream, bytearray(), LOCALHOST)
         await stream.aclose()
-        await _until(lambda: not len(proxy.ctx.registry))
+        await eventually(lambda: not len(proxy.ctx.registry), limit=10)
     assert "aborted" in (session.close_reason or "")  # the server got our 01 FF
 
 
@@ -413,7 +414,7 @@ def test_gssapi_without_the_extra_names_it(
 ) -> None:
     import importlib.util
 
-    from trisocks.cli import main
+    from trisocks.cli.main import main
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

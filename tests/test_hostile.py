@@ -15,7 +15,6 @@ import os
 import random
 import socket
 import struct
-import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,11 @@ from tests.conftest import (
     read_reply,
     receive_exactly,
     socks_handshake,
+    wait_closed,
 )
 from tests.test_relay import no_free_fds
+from trisocks.admin.server import serve_with_admin
 from trisocks.server.context import ServerContext
-from trisocks.server.serve import serve
 from trisocks.store.sqlite import Store
 
 StartProxy = Callable[..., Any]
@@ -83,11 +83,11 @@ async def good_session(
 
 
 async def drain_until_closed(stream: trio.SocketStream, limit: float) -> None:
+    """Read until the proxy closes *stream* (:func:`wait_closed`), or for at most *limit* s."""
     with trio.move_on_after(limit):
         try:
-            while await stream.receive_some(4096):
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await wait_closed(stream)
+        except trio.ClosedResourceError:
             pass
 
 
@@ -153,7 +153,8 @@ def test_generated_conversations_never_hurt_the_server(
                 listeners = await nursery.start(
                     functools.partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
                 echo = listeners[0].socket.getsockname()[:2]
-                ctx = await nursery.start(serve, make_config(db_path, handshake_timeout=2.0), store)
+                config = make_config(db_path, handshake_timeout=2.0)
+                ctx = await nursery.start(serve_with_admin, config, store)
                 address = ctx.listening[0][:2]
                 baseline = await settle(ctx)
                 async with trio.open_nursery() as clients:
@@ -224,6 +225,7 @@ async def test_flood_of_garbage_and_slowloris_beside_good_sessions(
     assert failures["timeout"] + failures["evicted"] >= 300
 
 
+@pytest.mark.deadline(max(30, SOAK_CYCLES / 50) + 30)
 async def test_soak_of_connect_kill_cycles(
     start_proxy: StartProxy, echo_server: tuple[str, int]
 ) -> None:
@@ -241,7 +243,7 @@ async def test_soak_of_connect_kill_cycles(
                 await stream.send_all(connect_request(*echo_server))
                 assert (await read_reply(stream))[0] == 0
                 me = "{}:{}".format(*stream.socket.getsockname()[:2])
-                [session] = proxy.ctx.registry.select(lambda s, me=me: s.client == me)
+                [session] = proxy.ctx.registry.select(lambda s, me=me: str(s.client) == me)
                 session.kill("soak")
                 await drain_until_closed(stream, 5)
 
@@ -256,30 +258,24 @@ async def test_soak_of_connect_kill_cycles(
           f"({elapsed / SOAK_CYCLES * 1000:.2f} ms each)")
 
 
-async def test_memory_of_many_half_open_handshakes(start_proxy: StartProxy) -> None:
+async def test_many_half_open_handshakes_are_held_then_released(
+    start_proxy: StartProxy,
+) -> None:
+    """1000 stalled greetings are all held as handshakes, and closing them gives everything
+    back. (What each costs in memory is measured by benchmarks/service_levels.py.)"""
     count = 1000
     proxy = await start_proxy(handshake_timeout=30.0, max_handshakes_per_client=None)
     baseline = await settle(proxy.ctx)
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        with trio.fail_after(20):
-            streams = []
-            for _ in range(count):
-                stream = await proxy.open_raw()
-                await stream.send_all(b"\x05\x02\x02")  # a greeting missing its last method
-                streams.append(stream)
-            await eventually(lambda: proxy.ctx.guard.handshakes == count, 10)
-            await trio.testing.wait_all_tasks_blocked()
-            per_connection = (tracemalloc.get_traced_memory()[0] - before) / count
-    finally:
-        tracemalloc.stop()
+    with trio.fail_after(20):
+        streams = []
+        for _ in range(count):
+            stream = await proxy.open_raw()
+            await stream.send_all(b"\x05\x02\x02")  # a greeting missing its last method
+            streams.append(stream)
+        await eventually(lambda: proxy.ctx.admission.handshakes == count, 10)
     for stream in streams:
         await stream.aclose()
     await assert_back_to(proxy.ctx, baseline)
-    print(f"half-open handshakes: {per_connection / 1024:.1f} KiB of Python heap each "
-          f"(both ends of the loopback connection)")
-    assert per_connection < 32 * 1024
 
 
 async def test_out_of_fds_pauses_accepting_logs_once_and_recovers(

@@ -28,7 +28,7 @@ from tests.conftest import (
 )
 from tests.http_support import Origin, route_http, start_origin
 from trisocks.policy import parse_rules
-from trisocks.server.http_proxy import HOP_BY_HOP, MAX_HEAD_SIZE, MAX_HEADERS, _end_to_end
+from trisocks.server.http_messages import HOP_BY_HOP, MAX_HEAD_SIZE, MAX_HEADERS, end_to_end
 
 AUTH = "Proxy-Authorization: Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
@@ -151,7 +151,7 @@ def test_end_to_end_headers(headers: list[tuple[bytes, bytes]], named: list[byte
     """Hypothesis: whatever the headers, none that is hop-by-hop (or named by Connection)
     survives, and every other one is kept, in order."""
     everything = [*headers, (b"connection", b", ".join(named)), (b"te", b"trailers")]
-    kept = _end_to_end(everything)
+    kept = end_to_end(everything)
     dropped = HOP_BY_HOP | set(named)
     assert kept == [(n, v) for n, v in everything if n not in dropped]
 

@@ -67,7 +67,7 @@ async def test_proxychains(
     )
     targets: list[str] = []
     proxy.ctx.registry.add_listener(
-        lambda event, session: targets.append(session.target) if event == "request" else None
+        lambda event, session: targets.append(str(session.target)) if event == "request" else None
     )
     host = "origin.trisocks.test" if by_name else "127.0.0.1"
     url = http_origin.url.replace("127.0.0.1", host)

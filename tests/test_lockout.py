@@ -18,6 +18,7 @@ from tests.conftest import (
     PASSWORD,
     USER,
     Proxy,
+    assert_closed,
     connect_request,
     echo_round_trip,
     eventually,
@@ -27,11 +28,10 @@ from tests.conftest import (
     socks_handshake,
 )
 from tests.test_bind import LOCALHOST4, bind_request
-from tests.test_connect import assert_closed
 from tests.test_udp import ZEROS4, atyp_addr, header, open_udp, start_udp_echo
 from trisocks.passwords import hash_password
 from trisocks.policy.limits import InFlight, client_group
-from trisocks.server.guard import pressure_timeout
+from trisocks.server.admission import pressure_timeout
 from trisocks.store.sqlite import Store
 
 StartProxy = Callable[..., Any]
@@ -83,7 +83,7 @@ async def test_stalled_flood_from_one_address_locks_nobody_out(
     ones were closed to make room (and one more for the first good client to meet the full
     cap; once it is done, its slot stays free for the next)."""
     proxy = await start_proxy(handshake_timeout=600.0, **overrides)  # evictions only
-    guard, stats = proxy.ctx.guard, proxy.ctx.stats
+    admission, stats = proxy.ctx.admission, proxy.ctx.stats
     reasons = end_reasons(proxy)
     stalled: list[trio.SocketStream] = []
     with trio.fail_after(60):
@@ -93,7 +93,7 @@ async def test_stalled_flood_from_one_address_locks_nobody_out(
                 stalled.append(stream)
                 await stream.send_all(STALLED_GREETING)
             await eventually(lambda: stats.limited[limit] == flood - cap, 20)
-            assert guard.handshakes_from(ipaddress.ip_address(FLOODER)) == cap
+            assert admission.handshakes_from(ipaddress.ip_address(FLOODER)) == cap
             for source in (OTHER, FLOODER, OTHER):
                 async with await open_from(proxy, source) as good:
                     await socks_handshake(good)
@@ -103,7 +103,7 @@ async def test_stalled_flood_from_one_address_locks_nobody_out(
             assert stats.limited[limit] == evictions
             for stream in stalled[: flood - cap]:  # the oldest went first
                 await assert_closed(stream)
-            assert guard.handshakes == cap - 1
+            assert admission.handshakes == cap - 1
         finally:
             for stream in stalled:
                 await stream.aclose()
@@ -140,7 +140,7 @@ async def test_handshakes_get_less_time_under_pressure(
                 stream = await open_from(proxy, FLOODER)
                 opened = trio.current_time()
                 await stream.send_all(STALLED_GREETING)
-                await eventually(lambda n=index + 1: proxy.ctx.guard.handshakes == n)
+                await eventually(lambda n=index + 1: proxy.ctx.admission.handshakes == n)
                 nursery.start_soon(held, index, stream, opened)
     for lifetime, timeout in zip(lifetimes, expected, strict=True):
         assert lifetime is not None and timeout <= lifetime < timeout + 1
@@ -242,8 +242,8 @@ async def test_one_user_exhausts_its_own_cap_only(
 ) -> None:
     cap = 3
     proxy = await start_proxy(auth=auth, max_binds_per_user=cap, max_udp_per_user=cap)
-    stats, guard = proxy.ctx.stats, proxy.ctx.guard
-    counts = guard.binds if command == "bind" else guard.udp
+    stats, reservations = proxy.ctx.stats, proxy.ctx.reservations
+    counts = reservations.binds if command == "bind" else reservations.udp
     user, source = first
     key = ("user", user) if user else ("client", client_group(ipaddress.ip_address(source)))
     held: list[trio.SocketStream] = []
@@ -271,7 +271,7 @@ async def test_one_user_exhausts_its_own_cap_only(
         await eventually(lambda: len(proxy.ctx.registry) == 0)
     assert stats.limited[limit] == 1
     assert stats.replies[2] == 1
-    assert counts[key] == 0 and guard.udp_sockets == 0
+    assert counts[key] == 0 and reservations.udp_sockets == 0
 
 
 async def test_udp_socket_budget_is_server_wide(
@@ -287,9 +287,9 @@ async def test_udp_socket_budget_is_server_wide(
                 stream, rep = await request_as(proxy, who, "udp")
                 held.append(stream)
                 assert rep == expected
-            assert proxy.ctx.guard.udp_sockets == 4
+            assert proxy.ctx.reservations.udp_sockets == 4
             await held.pop(0).aclose()
-            await eventually(lambda: proxy.ctx.guard.udp_sockets == 2)
+            await eventually(lambda: proxy.ctx.reservations.udp_sockets == 2)
             stream, rep = await request_as(proxy, BOB, "udp")
             held.append(stream)
             assert rep == 0

@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Proxy, connect_request, eventually, read_reply, socks_handshake
+from tests.session_support import session_from_text
 from trisocks.logs import TextFormatter, escape_unprintable, quote
 from trisocks.passwords import hash_password
 from trisocks.server.context import Stats
 from trisocks.server.session import _log_session
-from trisocks.sessions import Session
 
 # --- a reader for the text format: what a log parser would do ------------------------------
 
@@ -60,7 +60,7 @@ def access_line(**values: Any) -> str:
     handler.setFormatter(TextFormatter())
     logger = logging.Logger("trisocks.access")
     logger.addHandler(handler)
-    session = Session("ab12cd34", values.pop("client", "127.0.0.1:5000"), **values)
+    session = session_from_text("ab12cd34", values.pop("client", "127.0.0.1:5000"), **values)
     ctx = types.SimpleNamespace(stats=Stats(started_at=0.0), access_log=logger)
     _log_session(ctx, session, 0.25)  # type: ignore[arg-type]
     return out.getvalue()
@@ -116,7 +116,8 @@ def test_escape_unprintable_keeps_printable_text_and_escapes_the_rest() -> None:
 # --- the access line ------------------------------------------------------------------------
 
 
-FORGERY = "x.invalid:80 reply=00\n2026-01-01 00:00:00,000 INFO trisocks.access: 10.0.0.1:1 u=r"
+FORGERY = "x.invalid:80 reply=00\n2026-01-01 00:00:00,000 INFO trisocks.access: 10.0.0.1:1 u=r:80"
+"""A target whose name (ATYP 03: any bytes) would end the line and forge another one."""
 
 
 @pytest.mark.parametrize(("field", "value"), [
@@ -146,8 +147,12 @@ def test_access_line_is_one_line_and_reads_back(field: str, value: str) -> None:
 client_text = st.text(st.characters(blacklist_categories=()), max_size=40)
 
 
+targets = st.builds("{}:{}".format, client_text, st.integers(0, 65535))
+"""``name:port`` with any name a client could send."""
+
+
 @settings(max_examples=300, deadline=None)
-@given(user=client_text | st.none(), target=client_text | st.none(),
+@given(user=client_text | st.none(), target=targets | st.none(),
        rule=client_text | st.none(), reason=client_text | st.none())
 def test_any_client_value_gives_one_printable_line_that_parses_back(
     user: str | None, target: str | None, rule: str | None, reason: str | None

@@ -24,7 +24,7 @@ from tests.conftest import (
     receive_all,
     receive_exactly,
 )
-from trisocks.server.relay import SpliceEngine
+from trisocks.server.engines import SpliceEngine
 
 ENGINES = ["splice", "copy"]
 PAYLOAD = os.urandom(1 << 20) * 8  # 8 MiB

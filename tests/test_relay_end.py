@@ -23,8 +23,9 @@ from tests.conftest import (
     open_connect,
     receive_all,
     receive_exactly,
+    wait_closed,
 )
-from trisocks.server.relay import CopyEngine, Engine, SpliceEngine
+from trisocks.server.engines import CopyEngine, Engine, SpliceEngine
 from trisocks.sessions import Session
 
 ENGINES = ["splice", "copy"]
@@ -57,14 +58,6 @@ async def start_target(
 ) -> tuple[str, int]:
     listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     return listeners[0].socket.getsockname()[:2]
-
-
-async def drain_quietly(stream: trio.SocketStream) -> None:
-    """Read to EOF or a reset; the proxy's side of the connection is over either way."""
-    try:
-        await receive_all(stream)
-    except trio.BrokenResourceError:
-        pass
 
 
 # --- normal ends ----------------------------------------------------------------------------
@@ -175,7 +168,7 @@ async def test_target_reset_mid_transfer_keeps_its_cause(
         stream = await open_connect(engine_proxy, address)
         assert await receive_exactly(stream, len(PAYLOAD)) == PAYLOAD
         client_has_it.set()
-        await drain_quietly(stream)
+        await wait_closed(stream)  # EOF or a reset: the proxy's side is over either way
         await eventually(lambda: bool(ended))
         await stream.aclose()
     assert ended[0].close_reason == "relay: target: Connection reset by peer"
@@ -202,6 +195,7 @@ async def test_client_reset_while_the_target_still_sends_keeps_its_cause(
         "relay: client: Connection reset by peer", "relay: client: Broken pipe")
 
 
+@pytest.mark.deadline(180)  # virtual time: the 60 s idle timeout
 async def test_idle_timeout_is_the_reason(
     start_proxy: Any, echo_server: tuple[str, int], mock_clock: trio.testing.MockClock
 ) -> None:

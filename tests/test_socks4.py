@@ -3,6 +3,7 @@ clients (curl, ncat, tor-resolve), on one port beside SOCKS5; first-byte detecti
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,22 +26,22 @@ from tests.conftest import (
     eventually,
     open_connect,
     read_reply,
-    receive_all,
     receive_exactly,
     socks_handshake,
 )
+from tests.conftest import assert_closed as assert_closed_by_peer
+from tests.session_support import session_from_text
 from tests.test_bind import connect_from, wait_sessions_ended
 from tests.test_interop_tools import program, run_tool
 from trisocks.admin.metrics import metrics_registry
 from trisocks.admin.shapes import session_json
 from trisocks.config import ConfigError, build_config, load_file
-from trisocks.fleet.directory import Directory, Instance, SessionRow
+from trisocks.fleet.directory import Directory, Instance
 from trisocks.logs import JsonFormatter, TextFormatter
 from trisocks.policy import parse_rules
 from trisocks.protocol import Address
 from trisocks.protocol.socks4 import encode_socks4_request
 from trisocks.server.reload import reload_config
-from trisocks.sessions import Session
 from trisocks.store.sql import SqliteDatabase
 from trisocks.store.sqlite import Store
 
@@ -59,13 +60,8 @@ async def reply4(stream: trio.SocketStream) -> tuple[int, int, bytes]:
     return wire[1], int.from_bytes(wire[2:4], "big"), wire[4:]
 
 
-async def assert_closed(stream: trio.SocketStream) -> None:
-    """The server closes *stream* (without sending anything more); then it is closed here."""
-    try:
-        with trio.fail_after(5):
-            assert await receive_all(stream) == b""
-    finally:
-        await stream.aclose()
+assert_closed = functools.partial(assert_closed_by_peer, reset_ok=False)
+"""The server closes *stream* with an EOF (a reset fails), sending nothing more."""
 
 
 def access_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -205,7 +201,7 @@ async def test_bind_two_replies_and_relay(start_proxy: Callable[..., Any]) -> No
     proxy = await start_proxy(**OPEN)
     seen: list[dict[str, Any]] = []
     proxy.ctx.registry.add_listener(
-        lambda event, s: seen.append(session_json(s)) if event == "request" else None)
+        lambda event, s: seen.append(session_json(s.view())) if event == "request" else None)
     with trio.fail_after(10):
         stream = await proxy.open_raw()
         await stream.send_all(req4(2, "127.0.0.1", 0))
@@ -457,10 +453,9 @@ def test_fleet_directory_carries_protocol_and_tls(tmp_path: Path) -> None:
     try:
         directory = Directory(db)
         a = Instance("host/1", "trisocks/host/1")
-        session = Session("ab12cd34", "192.0.2.1:4000", protocol="socks4", tls=True)
-        directory.publish(a, 0.0, [SessionRow.of(a.id, session)], now=100.0)
-        (row,) = directory.sessions(101.0, besides="x")
-        remote = row.to_session()
+        session = session_from_text("ab12cd34", "192.0.2.1:4000", protocol="socks4", tls=True)
+        directory.publish(a, 0.0, [session.view()], now=100.0)
+        (remote,) = directory.sessions(101.0, besides="x")
         assert (remote.protocol, remote.tls) == ("socks4", True)
         assert session_json(remote)["protocol"] == "socks4"
     finally:

@@ -15,6 +15,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.admin_support import ADMIN, TOKEN
 from tests.conftest import (
     connect_request,
     make_config,
@@ -22,8 +23,8 @@ from tests.conftest import (
     receive_exactly,
     socks_handshake,
 )
-from tests.test_admin_support import ADMIN, TOKEN
 from tests.test_udp import LOCALHOST4, ZEROS4, header, open_udp, start_udp_echo
+from trisocks.admin.server import serve_with_admin
 from trisocks.policy import DEFAULT_RULES, Query, RuleError, RuleSet, parse_rules
 from trisocks.policy.addresses import (
     LOCAL_NETWORKS,
@@ -39,7 +40,6 @@ from trisocks.protocol import Address, AddressType
 from trisocks.protocol.proxy import encode_v2
 from trisocks.server.dial import literal, reach
 from trisocks.server.reload import reload_config
-from trisocks.server.serve import serve
 from trisocks.store.sqlite import Store
 
 ip = ipaddress.ip_address
@@ -452,7 +452,7 @@ async def test_shipped_defaults_deny_the_proxy_host_to_remote_clients(
     with trio.fail_after(20):
         proxy = await start_proxy(proxy_protocol=True)
         port = echo_server[1]
-        here = sorted({str(n.network_address) for n in proxy.ctx.guard.local
+        here = sorted({str(n.network_address) for n in proxy.ctx.judge.local
                        if n.prefixlen == n.max_prefixlen})
         targets = [*SPELLINGS, *((4 if ":" in h else 1, h) for h in here)]
         for source in (("203.0.113.7", 40000), ("2001:db8::7", 40000)):
@@ -478,13 +478,13 @@ async def test_reload_reads_the_interface_addresses_again(
     proxy = await start_proxy()
     ctx = proxy.ctx
     extra = ipaddress.ip_network("198.51.100.9/32")
-    assert extra not in ctx.guard.ruleset.local
+    assert extra not in ctx.judge.ruleset.local
     ctx.load_config = lambda: ctx.config
-    monkeypatch.setattr("trisocks.server.guard.host_networks",
+    monkeypatch.setattr("trisocks.server.judge.host_networks",
                         lambda: frozenset({*LOCAL_NETWORKS, extra}))
     reload_config(ctx)
-    assert extra in ctx.guard.ruleset.local
-    decision = ctx.guard.ruleset.decide(q(ip=ip("198.51.100.9")))
+    assert extra in ctx.judge.ruleset.local
+    decision = ctx.judge.ruleset.decide(q(ip=ip("198.51.100.9")))
     assert decision is not None and decision.rule_id == "proxy-host"
 
 
@@ -554,7 +554,8 @@ def test_generated_spellings_of_denied_networks_are_denied(
                 allowed = await start_udp_echo(nursery, "127.0.0.1")
                 rules = parse_rules([{"id": RULE_ID, "action": "deny", "to": RULE_FORMS[form],
                                       "ports": [denied[1]]}])
-                ctx = await nursery.start(serve, make_config(db_path, rules=rules), store)
+                config = make_config(db_path, rules=rules)
+                ctx = await nursery.start(serve_with_admin, config, store)
                 address = ctx.listening[0][:2]
                 for atyp, text in targets:
                     rep = await reply_to(address, request(1, atyp, text, denied[1]))

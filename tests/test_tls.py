@@ -23,6 +23,7 @@ import trio
 import trio.testing
 import trustme
 
+from tests.admin_support import ADMIN, TOKEN, admin_url
 from tests.conftest import (
     BLOB,
     PASSWORD,
@@ -37,7 +38,6 @@ from tests.conftest import (
     receive_exactly,
     socks_handshake,
 )
-from tests.test_admin_support import ADMIN, TOKEN, admin_url
 from tests.test_cli import run
 from trisocks.config import ConfigError, Endpoint, build_config
 from trisocks.server.relay import relay_streams
@@ -444,6 +444,7 @@ async def test_bind_inside_tls_listens_on_the_control_connections_address(
 # --- the stream relay (what TLS sessions use), in memory ----------------------------------
 
 
+@pytest.mark.deadline(150)  # virtual time: the relay's idle timeout is 30 s
 @pytest.mark.parametrize("case", ["idle", "target-eof", "client-eof-then-target-eof"])
 async def test_relay_streams_close_reasons(
     autojump_clock: trio.testing.MockClock, case: str

@@ -14,7 +14,7 @@ import trio.testing
 
 from tests.conftest import Proxy, have_ipv6, read_reply, receive_all, socks_handshake
 from tests.test_bind import wait_sessions_ended
-from trisocks.protocol import Address, Reassembler, parse_udp_header
+from trisocks.protocol import Address, Command, Reassembler, parse_udp_header
 from trisocks.server.context import Stats
 from trisocks.server.udp import FragmentQueue
 
@@ -81,7 +81,7 @@ async def test_udp_echo_ipv4(proxy: Proxy, udp_echo: Any) -> None:
                 assert source == relay
                 assert data == header(LOCALHOST4, udp_echo[1]) + b"ping"
                 [session] = proxy.ctx.registry.select()
-                assert (session.command, session.state) == ("UDP", "relaying")
+                assert (session.command, session.state) == (Command.UDP_ASSOCIATE, "relaying")
             await wait_sessions_ended(proxy)  # the counters are final now
             counters = session.counters
             assert (counters.bytes_up, counters.bytes_down) == (4, 4)

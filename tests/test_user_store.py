@@ -29,15 +29,15 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.admin_support import ADMIN, TOKEN, admin_url, echo_round
 from tests.conftest import make_config
 from tests.fleet_support import pg_url, postgres
-from tests.test_admin_support import ADMIN, TOKEN, admin_url, echo_round
+from trisocks.admin.server import serve_with_admin
 from trisocks.admin.tokens import token_path
 from trisocks.auth import Authenticator
-from trisocks.cli import main
+from trisocks.cli.main import main
 from trisocks.client.connect import open_socks_stream
 from trisocks.passwords import hash_password
-from trisocks.server.serve import serve
 from trisocks.store.cache import CachedStore
 from trisocks.store.open import open_store
 from trisocks.store.postgres import PostgresStore
@@ -340,7 +340,7 @@ async def test_connects_complete_while_another_process_holds_the_lock(
     connects = 10
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            ctx = await nursery.start(serve, config, store)
+            ctx = await nursery.start(serve_with_admin, config, store)
             proxy = ctx.listening[0][:2]
             process = await nursery.start(functools.partial(
                 trio.run_process, [sys.executable, "-c", LOCK_HOLDER, str(path), "10"],

@@ -1,5 +1,5 @@
 import sys
 
-from trisocks.cli import main
+from trisocks.cli.main import main
 
 sys.exit(main())

@@ -10,7 +10,10 @@ import trio
 
 from trisocks.protocol import Address
 
-__all__ = ["address_of", "format_sockaddr", "ip_of", "socket_of"]
+__all__ = ["IP", "address_of", "format_sockaddr", "ip_of", "parse_hostport", "peer_address",
+           "socket_of"]
+
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def socket_of(stream: object) -> trio.socket.SocketType:
@@ -35,7 +38,7 @@ def format_sockaddr(sockaddr: Any) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def ip_of(host: str) -> IP:
     """An IP literal, comparable across families: the zone is cut off and an IPv4-mapped IPv6
     address (a dual-stack socket's view of an IPv4 peer) becomes IPv4.
 
@@ -45,3 +48,22 @@ def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def parse_hostport(text: str) -> Address:
+    """``host:port`` or ``[v6]:port`` (as :func:`format_sockaddr` and ``str(Address)`` write
+    them) back as an Address.
+
+    Raises:
+        ValueError: no ``:port``, or the port is not a number.
+    """
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"{text!r} is not host:port")
+    return Address.of(host.removeprefix("[").removesuffix("]"), int(port))
+
+
+def peer_address(sockaddr: Any) -> Address:
+    """A socket address tuple as the session record keeps it: an IPv6 zone stays (unlike
+    :func:`address_of`, which gives what a reply can carry)."""
+    return Address.of(sockaddr[0], sockaddr[1])

@@ -15,14 +15,22 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Any
 
 import attrs
 import trio
 
-__all__ = ["Session", "SessionRegistry"]
+from trisocks.net import IP, ip_of
+from trisocks.protocol import Address, Command
+
+__all__ = ["COMMAND_NAMES", "PROTOCOLS", "STATES", "Counters", "Session", "SessionRegistry",
+           "SessionView"]
 
 STATES = ("handshake", "connecting", "relaying", "closing")
-COMMAND_NAMES = {1: "CONNECT", 2: "BIND", 3: "UDP", 0xF0: "RESOLVE", 0xF1: "RESOLVE_PTR"}
+COMMAND_NAMES = {Command.CONNECT: "CONNECT", Command.BIND: "BIND", Command.UDP_ASSOCIATE: "UDP",
+                 Command.RESOLVE: "RESOLVE", Command.RESOLVE_PTR: "RESOLVE_PTR"}
+"""How the API, the access log and the directory name each command."""
+COMMANDS_BY_NAME = {name: command for command, name in COMMAND_NAMES.items()}
 PROTOCOLS = ("socks5", "socks4", "http-connect", "http")
 """What :attr:`Session.protocol` may be."""
 
@@ -39,20 +47,23 @@ class Counters:
 
 @attrs.define(eq=False)
 class Session:
-    """One client connection, from accept to close."""
+    """One client connection, from accept to close. Addresses and the command are kept parsed;
+    :meth:`view` gives the frozen snapshot everything outside the handler reads (the API's JSON,
+    the access log, the fleet directory, the event stream)."""
 
     id: str
-    client: str
-    """``host:port`` of the client (``[v6]:port``)."""
+    client: Address
+    """The client's address and port (behind a PROXY protocol balancer: the real client's)."""
     started_at: float = attrs.field(factory=time.time)
     """Wall-clock start (seconds since the epoch)."""
     user: str | None = None
-    command: str | None = None
-    """``CONNECT``, ``BIND`` or ``UDP`` once the request is read."""
-    target: str | None = None
-    """``host:port`` as the client asked."""
-    resolved: str | None = None
-    """``ip:port`` actually used (for BIND: the peer that connected)."""
+    command: Command | None = None
+    """Set once the request is read."""
+    target: Address | None = None
+    """What the client asked for (a name stays a name)."""
+    resolved: Address | None = None
+    """The address actually used (for BIND: the peer that connected; for RESOLVE and
+    RESOLVE_PTR: the answer, port 0)."""
     state: str = "handshake"
     reply: int | None = None
     """The REP code sent (the final one for BIND), or None if no reply was sent."""
@@ -72,10 +83,70 @@ class Session:
     flushed: Counters = attrs.field(factory=Counters)
     """What accounting has already taken of ``counters``."""
 
+    @property
+    def client_ip(self) -> IP:
+        """The client's IP, comparable across families (:func:`trisocks.net.ip_of`)."""
+        return ip_of(self.client.host)
+
     def kill(self, reason: str = "killed") -> None:
         if self.close_reason is None:
             self.close_reason = reason
         self.scope.cancel()
+
+    def view(self) -> SessionView:
+        c = self.counters
+        return SessionView(
+            self.id, self.user, self.client, self.command, self.target, self.resolved,
+            self.protocol, self.tls, self.state, self.started_at, c.bytes_up, c.bytes_down,
+            c.datagrams_up, c.datagrams_down, self.instance, self.reply, self.rule, self.userid,
+            self.close_reason,
+        )
+
+
+@attrs.frozen
+class SessionView:
+    """A session as it is at one moment, for whatever is not its handler: the admin API's
+    JSON (:func:`trisocks.admin.shapes.session_json`), the access log, the fleet directory
+    (another instance's sessions are views too) and the event stream, which sends a session
+    again when its view changed."""
+
+    id: str
+    user: str | None
+    client: Address
+    command: Command | None
+    target: Address | None
+    resolved: Address | None
+    protocol: str
+    tls: bool
+    state: str
+    started_at: float
+    bytes_up: int
+    bytes_down: int
+    datagrams_up: int
+    datagrams_down: int
+    instance: str | None
+    reply: int | None = None
+    rule: str | None = None
+    userid: str | None = None
+    close_reason: str | None = None
+
+    @property
+    def command_name(self) -> str | None:
+        return None if self.command is None else COMMAND_NAMES[self.command]
+
+    @property
+    def client_ip(self) -> IP:
+        return ip_of(self.client.host)
+
+    def text(self) -> dict[str, Any]:
+        """Every field, JSON-ready: addresses as ``host:port`` (``[v6]:port``), the command by
+        name (:data:`COMMAND_NAMES`)."""
+        fields = attrs.asdict(self, recurse=False)
+        for key in ("client", "target", "resolved"):
+            if fields[key] is not None:
+                fields[key] = str(fields[key])
+        fields["command"] = self.command_name
+        return fields
 
 
 Listener = Callable[[str, Session], None]
@@ -121,7 +192,7 @@ class SessionRegistry:
             pass
         return session_id
 
-    def track(self, client: str) -> _Tracked:
+    def track(self, client: Address) -> _Tracked:
         """Register a session for the duration of a ``with`` block and run the block in its
         scope: ``with registry.track(client) as session: ...``."""
         return _Tracked(self, Session(self._new_id(), client, instance=self.instance))

@@ -23,7 +23,6 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import attrs
 import trio
 
 from trisocks.admin.shapes import session_json
@@ -34,11 +33,6 @@ __all__ = ["EventHub"]
 
 KEEPALIVE_INTERVAL = 15.0
 """Seconds between SSE comment lines sent to every subscriber even when nothing changes."""
-
-
-def _fingerprint(session: Session) -> tuple[Any, ...]:
-    return (session.state, session.user, session.command, session.target, session.resolved,
-            attrs.astuple(session.counters))
 
 
 def _message(event: str, sessions: list[dict[str, Any]]) -> bytes:
@@ -66,8 +60,9 @@ class EventHub:
         """Sessions not announced yet (a dict: ordered, and O(1) removal)."""
         self._ended: list[dict[str, Any]] = []
         """Final records of announced sessions that ended since the last batch."""
-        self._announced: dict[Session, tuple[Any, ...]] = {}
-        """Live announced sessions, with their record as last sent."""
+        self._announced: dict[Session, dict[str, Any]] = {}
+        """Live announced sessions, with their shape as last sent (sent again when it
+        changed)."""
         self._closed = False
 
     def _on_event(self, event: str, session: Session) -> None:
@@ -78,7 +73,7 @@ class EventHub:
                 del self._started[session]
             else:
                 self._announced.pop(session, None)
-                self._ended.append(session_json(session))
+                self._ended.append(session_json(session.view()))
 
     def _changes(self, *, with_updates: bool) -> list[bytes]:
         started, self._started = list(self._started), {}
@@ -86,14 +81,14 @@ class EventHub:
         updated = []
         if with_updates:
             for session, seen in self._announced.items():
-                if (now := _fingerprint(session)) != seen:
+                if (now := session_json(session.view())) != seen:
                     self._announced[session] = now
-                    updated.append(session)
-        for session in started:
-            self._announced[session] = _fingerprint(session)
-        batches = (("start", started), ("update", updated))
-        messages = [_message(name, [session_json(s) for s in batch])
-                    for name, batch in batches if batch]
+                    updated.append(now)
+        shapes = [session_json(session.view()) for session in started]
+        for session, shape in zip(started, shapes, strict=True):
+            self._announced[session] = shape
+        batches = (("start", shapes), ("update", updated))
+        messages = [_message(name, batch) for name, batch in batches if batch]
         if ended:
             messages.append(_message("end", ended))
         return messages
@@ -110,7 +105,7 @@ class EventHub:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Batch and send events until :meth:`close`; started once it follows the registry."""
         self._registry.add_listener(self._on_event)
-        self._announced = {s: _fingerprint(s) for s in self._registry}
+        self._announced = {s: session_json(s.view()) for s in self._registry}
         task_status.started()
         next_update = trio.current_time() + self._update_interval
         next_ping = trio.current_time() + KEEPALIVE_INTERVAL
@@ -143,7 +138,7 @@ class EventHub:
         """A queue of SSE messages, starting with every live announced session."""
         send, receive = trio.open_memory_channel[bytes](self._queue_size)
         with send, receive:
-            snapshot = [session_json(s) for s in self._registry if s not in self._started]
+            snapshot = [session_json(s.view()) for s in self._registry if s not in self._started]
             send.send_nowait(_message("start", snapshot))
             if self._closed:
                 send.close()

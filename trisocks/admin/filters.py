@@ -12,7 +12,8 @@ from typing import Any
 
 import attrs
 
-from trisocks.sessions import COMMAND_NAMES, Session
+from trisocks.protocol import Command
+from trisocks.sessions import COMMAND_NAMES, COMMANDS_BY_NAME, SessionView
 
 __all__ = ["FilterError", "SessionFilter"]
 
@@ -21,12 +22,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class FilterError(ValueError):
     """A query parameter is unknown or its value is malformed (answered with 400)."""
-
-
-def split_hostport(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` as held in session records."""
-    host, _, port = text.rpartition(":")
-    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 def _network(text: str) -> Network:
@@ -42,10 +37,11 @@ def _port(text: str) -> int:
     return int(text)
 
 
-def _command(text: str) -> str:
-    if text.upper() not in COMMAND_NAMES.values():
+def _command(text: str) -> Command:
+    command = COMMANDS_BY_NAME.get(text.upper())
+    if command is None:
         raise FilterError(f"command: {text!r} is not one of {', '.join(COMMAND_NAMES.values())}")
-    return text.upper()
+    return command
 
 
 @attrs.frozen
@@ -53,8 +49,8 @@ class SessionFilter:
     """All given conditions must hold; an empty filter selects every session."""
 
     user: str | None = None
-    command: str | None = None
-    """``CONNECT``, ``BIND`` or ``UDP``."""
+    command: Command | None = None
+    """Given by name: ``CONNECT``, ``BIND``, ``UDP``, ``RESOLVE`` or ``RESOLVE_PTR``."""
     client: Network | None = None
     """The client's address lies in this network."""
     target_host: str | None = None
@@ -79,22 +75,20 @@ class SessionFilter:
     def is_empty(self) -> bool:
         return self == SessionFilter()
 
-    def __call__(self, session: Session) -> bool:
+    def __call__(self, session: SessionView) -> bool:
         if self.user is not None and session.user != self.user:
             return False
         if self.command is not None and session.command != self.command:
             return False
-        if self.client is not None:
-            host, _ = split_hostport(session.client)
-            if ipaddress.ip_address(host) not in self.client:
-                return False
+        if self.client is not None and session.client_ip not in self.client:
+            return False
         if self.target_host is not None or self.target_port is not None:
             if session.target is None:
                 return False
-            host, port = split_hostport(session.target)
-            if self.target_host is not None and host.lower() != self.target_host.lower():
+            target = session.target
+            if self.target_host is not None and target.host.lower() != self.target_host.lower():
                 return False
-            if self.target_port is not None and port != self.target_port:
+            if self.target_port is not None and target.port != self.target_port:
                 return False
         return True
 

@@ -16,6 +16,8 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from trisocks.sessions import COMMAND_NAMES
+
 if TYPE_CHECKING:
     from trisocks.server.context import ServerContext
     from trisocks.store.records import UserUsage
@@ -68,7 +70,8 @@ class ProxyCollector:
             "trisocks_sessions", "Live sessions by command (none before the request) and state.",
             labels=["command", "state"],
         )
-        by_kind = collections.Counter((s.command or "none", s.state) for s in live)
+        by_kind = collections.Counter(
+            (COMMAND_NAMES[s.command] if s.command else "none", s.state) for s in live)
         for (command, state), count in sorted(by_kind.items()):
             sessions.add_metric([command, state], count)
         yield sessions

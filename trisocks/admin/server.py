@@ -19,11 +19,14 @@ import trio
 from trisocks.admin.app import create_app
 from trisocks.admin.events import EventHub
 from trisocks.admin.tokens import resolve_token
+from trisocks.server.serve import serve
 
 if TYPE_CHECKING:
+    from trisocks.config import Config
     from trisocks.server.context import ServerContext
+    from trisocks.store.interface import UserStore
 
-__all__ = ["serve_admin"]
+__all__ = ["serve_admin", "serve_with_admin"]
 
 log = logging.getLogger("trisocks.admin")
 
@@ -71,3 +74,14 @@ async def serve_admin(
         bound = urlsplit(binds[0])
         assert bound.hostname is not None and bound.port is not None
         task_status.started((bound.hostname, bound.port))
+
+
+async def serve_with_admin(
+    config: Config,
+    store: UserStore,
+    *,
+    task_status: trio.TaskStatus[ServerContext] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """What ``trisocks serve`` runs: the proxy (:func:`trisocks.server.serve.serve`) with the
+    admin API beside it in the same trio run, where ``config.admin`` asks for one."""
+    await serve(config, store, admin=serve_admin, task_status=task_status)

@@ -17,31 +17,31 @@ from trisocks.admin.events import EventHub
 from trisocks.admin.filters import FilterError, SessionFilter
 from trisocks.admin.shapes import session_json
 from trisocks.server.revocation import KILLED_BY_ADMIN
-from trisocks.sessions import Session
+from trisocks.sessions import SessionView
 
 if TYPE_CHECKING:
     from trisocks.server.context import ServerContext
 
 __all__ = ["sessions_blueprint"]
 
-async def _selection(ctx: ServerContext) -> tuple[SessionFilter, list[Session]]:
+async def _selection(ctx: ServerContext) -> tuple[SessionFilter, list[SessionView]]:
     """The sessions the query's filter selects: this process's, and in a fleet the other
-    instances' too (detached copies from the directory, :mod:`trisocks.fleet.node`)."""
+    instances' too (views from the directory, :mod:`trisocks.fleet.node`)."""
     try:
         selector = SessionFilter.from_args(request.args)
     except FilterError as exc:
         raise BadRequest(str(exc)) from None
-    sessions = ctx.registry.select(selector)
+    sessions = [view for s in ctx.registry if selector(view := s.view())]
     if ctx.fleet is not None:
         sessions += filter(selector, await ctx.fleet.remote_sessions())
     return selector, sorted(sessions, key=lambda s: (s.started_at, s.id))
 
 
-async def _kill(ctx: ServerContext, session: Session) -> None:
-    if ctx.registry.get(session.id) is session:
-        session.kill(KILLED_BY_ADMIN)
-    elif ctx.fleet is not None:
-        await ctx.fleet.kill(session.id, KILLED_BY_ADMIN)
+async def _kill(ctx: ServerContext, view: SessionView) -> None:
+    if ctx.registry.kill(view.id, KILLED_BY_ADMIN):
+        return
+    if ctx.fleet is not None and view.instance != ctx.registry.instance:
+        await ctx.fleet.kill(view.id, KILLED_BY_ADMIN)
 
 
 def sessions_blueprint(ctx: ServerContext, hub: EventHub) -> Blueprint:
@@ -49,14 +49,16 @@ def sessions_blueprint(ctx: ServerContext, hub: EventHub) -> Blueprint:
     ``/api/events`` (fed by *hub*)."""
     bp = Blueprint("sessions", __name__)
 
-    async def lookup(session_id: str) -> Session:
+    async def lookup(session_id: str) -> SessionView:
         session = ctx.registry.get(session_id)
-        if session is None and ctx.fleet is not None:
+        if session is not None:
+            return session.view()
+        if ctx.fleet is not None:
             remote = await ctx.fleet.remote_sessions()
-            session = next((s for s in remote if s.id == session_id), None)
-        if session is None:
-            raise NotFound(f"no live session {session_id!r}")
-        return session
+            view = next((s for s in remote if s.id == session_id), None)
+            if view is not None:
+                return view
+        raise NotFound(f"no live session {session_id!r}")
 
     @bp.get("/api/sessions")
     async def list_sessions() -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from trisocks.sessions import Session
+from trisocks.sessions import SessionView
 
 __all__ = ["iso_time", "session_json", "usage_json"]
 
@@ -22,26 +22,17 @@ def iso_time(timestamp: float | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def session_json(session: Session) -> dict[str, Any]:
+API_ONLY = ("reply", "rule", "userid", "close_reason")
+"""View fields the session shape leaves out (the access log has them)."""
+
+
+def session_json(view: SessionView) -> dict[str, Any]:
     """The session shape of the API (issue 4): ids, addresses, state and live counters."""
-    c = session.counters
-    return {
-        "id": session.id,
-        "user": session.user,
-        "client": session.client,
-        "command": session.command,
-        "target": session.target,
-        "resolved": session.resolved,
-        "protocol": session.protocol,
-        "tls": session.tls,
-        "state": session.state,
-        "started_at": iso_time(session.started_at),
-        "bytes_up": c.bytes_up,
-        "bytes_down": c.bytes_down,
-        "datagrams_up": c.datagrams_up,
-        "datagrams_down": c.datagrams_down,
-        "instance": session.instance,
-    }
+    fields = view.text()
+    for key in API_ONLY:
+        del fields[key]
+    fields["started_at"] = iso_time(view.started_at)
+    return fields
 
 
 def usage_json(row: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def _stats(ctx: ServerContext) -> dict[str, Any]:
     stats, live = ctx.stats, list(ctx.registry)
     uptime = trio.current_time() - stats.started_at
     by_state = collections.Counter(s.state for s in live)
-    by_command = collections.Counter(s.command for s in live if s.command)
+    by_command = collections.Counter(COMMAND_NAMES[s.command] for s in live if s.command)
     bytes_up, bytes_down = relayed_bytes(ctx)
     return {
         "started_at": iso_time(time.time() - uptime),

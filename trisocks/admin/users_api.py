@@ -88,7 +88,7 @@ def users_blueprint(ctx: ServerContext) -> Blueprint:
             ctx.store.remove_user(name)
         except StoreError as exc:
             raise NotFound(str(exc)) from None
-        revoke(ctx, name)
+        revoke(ctx.registry, ctx.authenticator, name)
         return "", 204
 
     @bp.put("/api/users/<name>/password")
@@ -100,12 +100,12 @@ def users_blueprint(ctx: ServerContext) -> Blueprint:
             ctx.store.set_password(name, password_hash)
         except StoreError as exc:  # removed by another process while hashing
             raise NotFound(str(exc)) from None
-        revoke(ctx, name)
+        revoke(ctx.registry, ctx.authenticator, name)
         return "", 204
 
     @bp.delete("/api/users/<name>/sessions")
     async def kill_sessions(name: str) -> dict[str, Any]:
         require_user(name)
-        return {"killed": kill_user_sessions(ctx, name)}
+        return {"killed": kill_user_sessions(ctx.registry, name)}
 
     return bp

@@ -16,10 +16,11 @@ from typing import Any
 
 import attrs
 
-from trisocks.sessions import Counters, Session
+from trisocks.net import parse_hostport
+from trisocks.sessions import COMMANDS_BY_NAME, SessionView
 from trisocks.store.sql import Database, migrate
 
-__all__ = ["STALE_AFTER", "Directory", "Instance", "SessionRow"]
+__all__ = ["STALE_AFTER", "Directory", "Instance", "row_of", "view_of"]
 
 STALE_AFTER = 5.0
 """Seconds without a heartbeat after which an instance counts as gone."""
@@ -73,45 +74,25 @@ class Instance:
     """Where its kill requests go (:mod:`trisocks.fleet.channel`)."""
 
 
-@attrs.frozen
-class SessionRow:
-    """A session as the directory holds it (a copy, up to one heartbeat old)."""
+def row_of(instance: str, view: SessionView) -> tuple[Any, ...]:
+    """*view* as a row of ``fleet_sessions`` (:data:`_COLUMNS`' order)."""
+    text = view.text()
+    return (instance, view.id, text["client"], view.user, text["command"], text["target"],
+            text["resolved"], view.state, view.started_at, view.bytes_up, view.bytes_down,
+            view.datagrams_up, view.datagrams_down, view.protocol, int(view.tls))
 
-    instance: str
-    id: str
-    client: str
-    user: str | None
-    command: str | None
-    target: str | None
-    resolved: str | None
-    state: str
-    started_at: float
-    bytes_up: int
-    bytes_down: int
-    datagrams_up: int
-    datagrams_down: int
-    protocol: str = "socks5"
-    tls: int = 0
-    """1 for a TLS session (an integer: one SQL type for SQLite and PostgreSQL)."""
 
-    @classmethod
-    def of(cls, instance: str, s: Session) -> SessionRow:
-        c = s.counters
-        return cls(instance, s.id, s.client, s.user, s.command, s.target, s.resolved, s.state,
-                   s.started_at, c.bytes_up, c.bytes_down, c.datagrams_up, c.datagrams_down,
-                   s.protocol, int(s.tls))
-
-    def to_session(self) -> Session:
-        """A detached :class:`Session` with these values, so the admin API's filters and
-        JSON shapes work on remote sessions as on local ones. Killing it does nothing: kills
-        of remote sessions go through the owner's channel."""
-        return Session(
-            self.id, self.client, started_at=self.started_at, user=self.user,
-            command=self.command, target=self.target, resolved=self.resolved, state=self.state,
-            instance=self.instance, protocol=self.protocol, tls=bool(self.tls),
-            counters=Counters(self.bytes_up, self.bytes_down, self.datagrams_up,
-                              self.datagrams_down),
-        )
+def view_of(row: Sequence[Any]) -> SessionView:
+    """A row of ``fleet_sessions`` back as a view: the admin API's filters and JSON shape work
+    on another instance's sessions as on this one's."""
+    (instance, session_id, client, user, command, target, resolved, state, started_at,
+     bytes_up, bytes_down, datagrams_up, datagrams_down, protocol, tls) = row
+    return SessionView(
+        session_id, user, parse_hostport(client), COMMANDS_BY_NAME.get(command),
+        None if target is None else parse_hostport(target),
+        None if resolved is None else parse_hostport(resolved), protocol, bool(tls), state,
+        started_at, bytes_up, bytes_down, datagrams_up, datagrams_down, instance,
+    )
 
 
 class Directory:
@@ -119,7 +100,7 @@ class Directory:
         self.db = db
         migrate(db, "fleet", MIGRATIONS)
 
-    def publish(self, instance: Instance, started_at: float, sessions: Sequence[SessionRow],
+    def publish(self, instance: Instance, started_at: float, sessions: Sequence[SessionView],
                 now: float) -> None:
         """Replace *instance*'s sessions with *sessions* and stamp its heartbeat; forget
         instances whose heartbeat is stale."""
@@ -138,7 +119,7 @@ class Directory:
                              [(gone,) for gone in stale])
             cur.execute_many(
                 f"INSERT INTO fleet_sessions ({_COLUMNS}) VALUES ({', '.join('?' * 15)})",
-                [attrs.astuple(row) for row in sessions],
+                [row_of(instance.id, view) for view in sessions],
             )
 
     def retire(self, instance_id: str) -> None:
@@ -147,10 +128,10 @@ class Directory:
             cur.execute("DELETE FROM fleet_sessions WHERE instance = ?", (instance_id,))
             cur.execute("DELETE FROM fleet_instances WHERE instance = ?", (instance_id,))
 
-    def sessions(self, now: float, *, besides: str) -> list[SessionRow]:
+    def sessions(self, now: float, *, besides: str) -> list[SessionView]:
         """Sessions of every live instance but *besides* (the caller, who knows its own)."""
         rows = self._select("s.instance <> ?", (besides,), now)
-        return [SessionRow(*row) for row in rows]
+        return [view_of(row) for row in rows]
 
     def owner(self, session_id: str, now: float, *, besides: str) -> Instance | None:
         """The live instance (other than *besides*) serving *session_id*, if any."""

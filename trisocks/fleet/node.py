@@ -26,12 +26,12 @@ import trio
 
 from trisocks.config import Config, is_db_url
 from trisocks.fleet.channel import Channel, Kill, LocalChannel, PostgresChannel
-from trisocks.fleet.directory import Directory, Instance, SessionRow
-from trisocks.sessions import Session
+from trisocks.fleet.directory import Directory, Instance
+from trisocks.sessions import SessionRegistry, SessionView
 from trisocks.store.sql import SqliteDatabase
 
 if TYPE_CHECKING:
-    from trisocks.server.context import ServerContext
+    from trisocks.store.interface import UserStore
 
 __all__ = ["FleetNode", "fleet_enabled"]
 
@@ -49,34 +49,36 @@ def fleet_enabled(config: Config) -> bool:
 
 
 class FleetNode:
-    def __init__(self, ctx: ServerContext, directory: Directory, channel: Channel) -> None:
-        self.ctx = ctx
+    """Publishes the sessions of *registry* to *directory* and kills what *channel* brings."""
+
+    def __init__(self, registry: SessionRegistry, directory: Directory, channel: Channel) -> None:
+        self.registry = registry
         self.directory = directory
         self.channel = channel
         self.instance = Instance(_instance_id(), channel.address)
         self.started_at = time.time()
         self._changed = trio.Event()
-        ctx.registry.instance = self.instance.id
-        ctx.registry.add_listener(lambda _event, _session: self._changed.set())
+        registry.instance = self.instance.id
+        registry.add_listener(lambda _event, _session: self._changed.set())
 
     @classmethod
-    def open(cls, ctx: ServerContext) -> FleetNode:
-        """Connect to the directory of ``ctx.config.db`` (blocking: migrations run)."""
+    def open(cls, config: Config, store: UserStore, registry: SessionRegistry) -> FleetNode:
+        """Connect to the directory of ``config.db`` (blocking: migrations run), the database
+        *store* serves, for the sessions of *registry*."""
         from trisocks.store.cache import CachedStore
 
-        store = ctx.store
-        if isinstance(store, CachedStore) and is_db_url(ctx.config.db):
+        if isinstance(store, CachedStore) and is_db_url(config.db):
             from trisocks.store.postgres import PostgresStore
 
             assert isinstance(store.backend, PostgresStore)
             db = store.backend.db
             channel: Channel = PostgresChannel(store.backend.url, store.backend.notify,
                                                store.refresh_soon)
-            return cls(ctx, Directory(db), channel)
-        assert not is_db_url(ctx.config.db), "a PostgreSQL store is served through its cache"
-        sqlite = SqliteDatabase(Path(ctx.config.db))
+            return cls(registry, Directory(db), channel)
+        assert not is_db_url(config.db), "a PostgreSQL store is served through its cache"
+        sqlite = SqliteDatabase(Path(config.db))
         try:
-            return cls(ctx, Directory(sqlite), LocalChannel(_instance_id()))
+            return cls(registry, Directory(sqlite), LocalChannel(_instance_id()))
         except BaseException:
             sqlite.close()
             raise
@@ -113,20 +115,19 @@ class FleetNode:
             await trio.sleep(PUBLISH_GAP)
 
     async def _publish(self) -> None:
-        rows = [SessionRow.of(self.instance.id, s) for s in self.ctx.registry]
+        rows = [s.view() for s in self.registry]
         await trio.to_thread.run_sync(self.directory.publish, self.instance, self.started_at,
                                       rows, time.time())
 
     def _on_kill(self, kill: Kill) -> None:
-        if kill.instance == self.instance.id and self.ctx.registry.kill(kill.session,
-                                                                        kill.reason):
+        if kill.instance == self.instance.id and self.registry.kill(kill.session, kill.reason):
             log.info("fleet: session %s killed on request (%s)", kill.session, kill.reason)
 
-    async def remote_sessions(self) -> list[Session]:
-        """The other instances' live sessions (detached copies: see ``SessionRow``)."""
+    async def remote_sessions(self) -> list[SessionView]:
+        """The other instances' live sessions, as the directory last had them."""
         rows = await trio.to_thread.run_sync(
             lambda: self.directory.sessions(time.time(), besides=self.instance.id))
-        return [row.to_session() for row in rows]
+        return rows
 
     async def kill(self, session_id: str, reason: str) -> bool:
         """Ask the instance serving *session_id* to kill it; ``False`` if none does."""

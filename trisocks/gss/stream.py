@@ -1,4 +1,4 @@
-"""RFC 1961 on a trio connection: frame I/O, the protected stream, and its relay.
+"""RFC 1961 on a trio connection: frame I/O and the protected stream.
 
 Rules:
 
@@ -21,7 +21,6 @@ and take microseconds; only context establishment may block (see ``mech``).
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -37,16 +36,13 @@ from trisocks.protocol.gssapi import (
     parse_datagram,
     parse_frame,
 )
-from trisocks.sessions import Counters
-from trisocks.throttle import Throttle
 
-__all__ = ["FrameChannel", "GssFailure", "GssStream", "Protection", "relay_gss", "send_abort"]
+__all__ = ["FrameChannel", "GssFailure", "GssStream", "Protection", "send_abort"]
 
 RECEIVE_SIZE = 65536 + 4
 """One maximal frame."""
 ABORT_GRACE = 1.0
 """How long the ``01 FF`` may wait behind a frame being sent before the connection just closes."""
-RELAY_CHUNK = 65536
 
 
 class GssFailure(Exception):
@@ -113,7 +109,9 @@ class FrameChannel:
 
 
 class GssStream(trio.abc.HalfCloseableStream):
-    """A connection after RFC 1961 negotiation, as a plain byte stream (rules 1-4).
+    """A connection after RFC 1961 negotiation, as a plain byte stream (rules 1-4): the
+    server's relay moves it like any half-closeable stream (``receive_some``, ``send_all``,
+    ``send_eof``), so what it counts and throttles is payload, never the wrapping.
 
     ``socket`` is the transport's, so code that asks the client connection for its addresses
     works on either kind of stream.
@@ -205,62 +203,3 @@ class GssStream(trio.abc.HalfCloseableStream):
             return self.protection.unwrap(parse_datagram(datagram))
         except GssFailure as exc:
             raise GssProtocolError(str(exc)) from None
-
-
-
-
-async def relay_gss(
-    client: GssStream,
-    upstream: trio.abc.HalfCloseableStream,
-    counters: Counters,
-    idle_timeout: float,
-    throttles: tuple[Throttle | None, Throttle | None] = (None, None),
-) -> OSError | None:
-    """Relay like :func:`trisocks.server.relay.relay`, for a client whose bytes are wrapped
-    (so splice cannot help): until both directions end, the idle timeout passes, or either
-    side fails. Counters and *throttles* (up, down) see payload bytes, never the wrapping.
-
-    Returns the socket error that ended the relay, if any; a GSS-API failure (the abort has
-    already been sent) comes back as an ``OSError`` carrying its message.
-    """
-    failure: OSError | None = None
-    idle = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
-
-    def up(n: int) -> None:
-        counters.bytes_up += n
-
-    def down(n: int) -> None:
-        counters.bytes_down += n
-
-    async def pump(
-        src: trio.abc.ReceiveStream, dst: trio.abc.HalfCloseableStream,
-        add: Callable[[int], None], throttle: Throttle | None,
-    ) -> None:
-        nonlocal failure
-        try:
-            while data := await src.receive_some(RELAY_CHUNK):
-                await dst.send_all(data)
-                add(len(data))
-                idle.deadline = trio.current_time() + idle_timeout
-                if throttle is not None:
-                    await throttle(len(data))
-            await dst.send_eof()
-        except (OSError, trio.BrokenResourceError) as exc:
-            failure = failure or _as_os_error(exc)
-            nursery.cancel_scope.cancel()
-        except trio.ClosedResourceError:  # the other direction failed and closed it
-            nursery.cancel_scope.cancel()
-
-    with idle:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, client, upstream, up, throttles[0])
-            nursery.start_soon(pump, upstream, client, down, throttles[1])
-    return failure
-
-
-def _as_os_error(exc: OSError | trio.BrokenResourceError) -> OSError:
-    """trio chains a socket's OSError as the cause; a GSS-API failure has none."""
-    if isinstance(exc, OSError):
-        return exc
-    cause = exc.__cause__
-    return cause if isinstance(cause, OSError) else OSError(str(exc))

@@ -4,7 +4,7 @@ Rules this module keeps:
 
 1. The listening socket lives on the control connection's local address (the client reached
    us there, so its peer can too) and is closed as soon as one peer is accepted. While it is
-   open it counts against the user's ``max_binds_per_user`` (``Guard.reserve``).
+   open it counts against the user's ``max_binds_per_user`` (``Reservations.reserve``).
 2. When DST.ADDR is not all zeros, only a peer whose IP is DST.ADDR (any address of it, for a
    domain) is accepted; any other connection is closed at once and the wait goes on. DST.PORT
    is not checked: a peer's source port is usually ephemeral.
@@ -24,20 +24,20 @@ import socket
 
 import trio
 
-from trisocks.net import address_of, format_sockaddr, ip_of
+from trisocks.net import address_of, ip_of, peer_address
 from trisocks.policy.addresses import canonical
 from trisocks.protocol import Address, AddressType, Reply, Request
-from trisocks.server.common import (
+from trisocks.server.context import ServerContext
+from trisocks.server.control import (
     ClientStream,
     announced_address,
     open_local_socket,
-    relay_session,
-    send_reply,
     watch_control,
 )
-from trisocks.server.context import ServerContext
 from trisocks.server.dial import literal, lookup
 from trisocks.server.errors import reply_for
+from trisocks.server.relay import relay_session
+from trisocks.server.replies import send_reply
 from trisocks.sessions import Session
 
 __all__ = ["handle_bind"]
@@ -53,7 +53,7 @@ async def handle_bind(
     ctx: ServerContext,
 ) -> None:
     """Serve a BIND request: two replies, then relay between the client and its peer."""
-    refusal = ctx.guard.reserve(session, "bind")  # held while the listener is (or the session)
+    refusal = ctx.reservations.reserve(session, "bind")  # while the listener is (or the session)
     if refusal is not None:
         await send_reply(stream, session, refusal)
         return
@@ -65,7 +65,7 @@ async def handle_bind(
         session.close_reason = f"bind failed: {exc}"
         await send_reply(stream, session, reply_for(exc))
         return
-    denial = ctx.guard.deny_resolved(session, list(expected)) if expected else None
+    denial = ctx.judge.deny_resolved(session, list(expected)) if expected else None
     if denial is not None:  # a domain DST.ADDR: its addresses are judged here
         listener.close()
         session.close_reason = f"denied by rule {denial.rule_id}"
@@ -84,12 +84,12 @@ async def handle_bind(
                 session.close_reason = f"no peer: {exc}" if str(exc) else "bind timeout"
                 await send_reply(stream, session, reply_for(exc))
                 return
-        ctx.guard.release(session)  # the listener is closed: now it is a relay like CONNECT
+        ctx.reservations.release(session)  # the listener is closed: now it is a relay like CONNECT
         if peer is None:
             session.close_reason = "client closed the control connection while waiting"
             return
         peername = peer.socket.getpeername()
-        session.resolved = format_sockaddr(peername)
+        session.resolved = peer_address(peername)
         await send_reply(stream, session, Reply.SUCCEEDED, address_of(peername))
         await relay_session(stream, peer, bytes(early), session, ctx)
 

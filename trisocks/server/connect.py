@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import trio
 
-from trisocks.net import address_of, format_sockaddr
+from trisocks.net import address_of, peer_address
 from trisocks.protocol import Address, Reply, Request
-from trisocks.server.common import ClientStream, relay_session, send_reply
 from trisocks.server.context import ServerContext
+from trisocks.server.control import ClientStream
 from trisocks.server.dial import Denied, dial
 from trisocks.server.errors import reply_for
+from trisocks.server.relay import relay_session
+from trisocks.server.replies import send_reply
 from trisocks.sessions import Session
 
 __all__ = ["dial_target", "handle_connect"]
@@ -30,7 +32,7 @@ async def dial_target(session: Session, ctx: ServerContext, target: Address) -> 
     ctx.registry.set_state(session, "connecting")
     with trio.fail_after(ctx.config.connect_timeout):
         return await dial(
-            target, lambda ips: ctx.guard.deny_resolved(session, ips), HAPPY_EYEBALLS_DELAY
+            target, lambda ips: ctx.judge.deny_resolved(session, ips), HAPPY_EYEBALLS_DELAY
         )
 
 
@@ -52,7 +54,7 @@ async def handle_connect(
         await send_reply(stream, session, reply_for(exc))
         return
     try:
-        session.resolved = format_sockaddr(upstream.socket.getpeername())
+        session.resolved = peer_address(upstream.socket.getpeername())
         await send_reply(
             stream, session, Reply.SUCCEEDED, address_of(upstream.socket.getsockname())
         )

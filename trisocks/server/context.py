@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import logging
 import ssl
 from collections.abc import Callable
@@ -14,8 +13,12 @@ import trio
 from trisocks.accounting import Accountant
 from trisocks.auth import Authenticator
 from trisocks.config import Config
-from trisocks.server.guard import Guard
-from trisocks.server.relay import Engine
+from trisocks.server.admission import Admission
+from trisocks.server.engines import Engine
+from trisocks.server.judge import Judge
+from trisocks.server.reservations import Reservations
+from trisocks.server.stats import Stats
+from trisocks.server.user_limits import UserLimiter
 from trisocks.sessions import SessionRegistry
 
 if TYPE_CHECKING:
@@ -23,41 +26,6 @@ if TYPE_CHECKING:
     from trisocks.store.interface import UserStore
 
 __all__ = ["ServerContext", "Stats"]
-
-
-@attrs.define
-class Stats:
-    """Server-wide counters (exported by ``/metrics``)."""
-
-    started_at: float = attrs.field(factory=trio.current_time)
-    handshake_failures: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    """By reason: timeout, evicted, bad_version, no_acceptable_method, auth_failed, malformed,
-    eof, unknown_protocol (the first byte starts no enabled protocol), auth_required (SOCKS4
-    where a password is required), tls (a TLS listener's handshake failed, or the client
-    spoke no TLS)."""
-    protocols: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    """Ended sessions by protocol: socks5, socks4, http-connect, http."""
-    replies: collections.Counter[int] = attrs.field(factory=collections.Counter)
-    """Final REP codes sent."""
-    udp_dropped: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    """UDP datagrams dropped, by reason: foreign_source, malformed, fragment, not_allowed,
-    unreachable (the target did not resolve or the send failed)."""
-    reassembled: int = 0
-    """UDP fragment sequences reassembled."""
-    bytes_up: int = 0
-    """Payload bytes of ended sessions (live sessions are added by whoever reads)."""
-    bytes_down: int = 0
-    rejected_over_limit: int = 0
-    """Connections closed at accept because max_sessions was reached."""
-    limited: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    """Connections or requests refused by a limit: connection_rate, auth_backoff (closed at
-    accept), max_handshakes, max_handshakes_per_client (the oldest unfinished handshake
-    evicted), user_sessions, quota, user_binds, user_udp (REP 02 or session ended),
-    udp_sockets (REP 01)."""
-    denied: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    """Requests and UDP datagrams denied, by rule id."""
-    reloads: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    """Config reloads by outcome: ok, failed."""
 
 
 @attrs.define(eq=False)
@@ -83,8 +51,21 @@ class ServerContext:
     tls_context: ssl.SSLContext | None = None
     """What new TLS handshakes use (:mod:`trisocks.tls`); replaced on reload, while live
     sessions keep the one they started with."""
-    guard: Guard = attrs.field(init=False)
-    """Access rules, limits and quotas (:mod:`trisocks.server.guard`)."""
+    admission: Admission = attrs.field(init=False)
+    """Connection rate, login backoff and handshake caps (:mod:`trisocks.server.admission`)."""
+    judge: Judge = attrs.field(init=False)
+    """The access rules (:mod:`trisocks.server.judge`)."""
+    user_limits: UserLimiter = attrs.field(init=False)
+    """Per-user sessions, quotas, rates and lifetime (:mod:`trisocks.server.user_limits`)."""
+    reservations: Reservations = attrs.field(init=False)
+    """BIND listeners and UDP associations held (:mod:`trisocks.server.reservations`)."""
 
     def __attrs_post_init__(self) -> None:
-        self.guard = Guard(self)
+        def config() -> Config:  # the parts read it through this: a reload replaces it
+            return self.config
+
+        self.admission = Admission(config, self.stats)
+        self.judge = Judge(config, lambda: self.admin_address, self.stats, self.registry)
+        self.user_limits = UserLimiter(config, self.store, self.accountant, self.stats,
+                                       self.registry)
+        self.reservations = Reservations(config, self.stats, self.registry)

@@ -25,15 +25,15 @@ from trisocks.protocol import (
     SocksError,
     encode_auth_response,
     encode_method_selection,
-    encode_reply,
     parse_auth_request,
     parse_greeting,
     parse_request,
 )
 from trisocks.server import quickio
-from trisocks.server.common import ClientStream
 from trisocks.server.context import ServerContext
+from trisocks.server.control import ClientStream
 from trisocks.server.gssapi import GssAuthFailed, accept_gssapi
+from trisocks.server.replies import send_reply
 from trisocks.sessions import Session
 
 __all__ = ["HandshakeFailed", "handshake", "read_message"]
@@ -97,7 +97,7 @@ async def handshake(
         greeting = await _read(stream, buf, parse_greeting)
     except BadVersion as exc:
         raise HandshakeFailed("bad_version", str(exc)) from None
-    ctx.guard.progress()
+    ctx.admission.progress()
     method = next(
         (METHOD_OF[m] for m in ctx.config.auth if METHOD_OF[m] in greeting.methods),
         Method.NO_ACCEPTABLE,
@@ -110,7 +110,7 @@ async def handshake(
     if method == Method.USERNAME_PASSWORD:
         try:
             credentials = await _read(stream, buf, parse_auth_request)
-            with ctx.guard.server_work():  # not stalled: not evictable meanwhile
+            with ctx.admission.server_work():  # not stalled: not evictable meanwhile
                 user = await ctx.authenticator.check(credentials.username, credentials.password)
         except AuthFailed as exc:
             await quickio.send(stream, encode_auth_response(False))
@@ -131,8 +131,6 @@ async def handshake(
     try:
         request = await _read(client, buf, _parse_request)
     except SocksError as exc:
-        reply = exc.reply or Reply.GENERAL_FAILURE
-        session.reply = reply
-        await quickio.send(client, encode_reply(reply))
+        await send_reply(client, session, exc.reply or Reply.GENERAL_FAILURE)
         raise HandshakeFailed(_REASON.get(type(exc), "malformed"), str(exc)) from None
     return request, bytes(buf), client

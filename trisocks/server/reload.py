@@ -7,7 +7,8 @@ Rules of a reload:
 2. Keys that shape what is already bound or opened (listeners, db, admin endpoint, relay
    engine, logging) keep their running values; a change to them is logged as needing a restart.
 3. Live sessions keep going, except those the new rules or the user set no longer allow:
-   they are ended with the reason in the log (:meth:`Guard.revoke`).
+   they are ended with the reason in the log
+   (:func:`trisocks.server.revocation.revoke_disallowed`).
 4. This host's interface addresses (``@local``, ``@admin`` on a wildcard) are read again.
 5. The TLS certificate and key (and client CA) are read again: new TLS handshakes use them,
    live TLS sessions keep the context they started with; files that do not load reject the
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from trisocks.config import ConfigError
+from trisocks.server.revocation import revoke_disallowed
 from trisocks.tls import server_context
 
 if TYPE_CHECKING:
@@ -64,9 +66,9 @@ def reload_config(ctx: ServerContext) -> dict[str, Any]:
         raise
     ctx.config = attrs.evolve(new, **{k: getattr(old, k) for k in RESTART_KEYS})
     ctx.tls_context = tls_context  # new handshakes; live sessions keep the one they had
-    ctx.guard.configure(ctx.config)
-    ctx.guard.read_local_addresses()
-    ended = ctx.guard.revoke()
+    ctx.admission.configure(ctx.config)  # the other parts read ctx.config as they go
+    ctx.judge.read_local_addresses()
+    ended = revoke_disallowed(ctx.judge, ctx.store)
     ctx.stats.reloads["ok"] += 1
     log.info("reloaded config: %d rules (default %s); %d sessions ended",
              len(ctx.config.rules), ctx.config.rules_default, ended)

@@ -16,10 +16,11 @@ import trio
 
 from trisocks.net import ip_of
 from trisocks.protocol import Address, AddressType, Command, Reply, Request
-from trisocks.server.common import ClientStream, send_reply
 from trisocks.server.context import ServerContext
+from trisocks.server.control import ClientStream
 from trisocks.server.dial import literal, resolve
 from trisocks.server.errors import reply_for
+from trisocks.server.replies import send_reply
 from trisocks.sessions import Session
 
 __all__ = ["handle_resolve"]
@@ -47,14 +48,14 @@ async def handle_resolve(
     if isinstance(answer, Reply):
         await send_reply(stream, session, answer)
         return
-    session.resolved = str(answer)  # host:port as for CONNECT (port 0): address or name
+    session.resolved = answer  # as for CONNECT, port 0: an address, or a name
     await send_reply(stream, session, Reply.SUCCEEDED, answer)
 
 
 async def _forward(address: Address, session: Session, ctx: ServerContext) -> Address | Reply:
     targets = await resolve(address)
     ips = [ip_of(t[1][0]) for t in targets]
-    denial = ctx.guard.deny_resolved(session, ips)
+    denial = ctx.judge.deny_resolved(session, ips)
     if denial is not None:
         session.close_reason = f"denied by rule {denial.rule_id}"
         return Reply.NOT_ALLOWED

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 
 import trio
 from trio.lowlevel import wait_readable
@@ -23,16 +24,16 @@ from trisocks.fleet.node import FleetNode, fleet_enabled
 from trisocks.fleet.workers import worker_index
 from trisocks.net import format_sockaddr
 from trisocks.server.context import ServerContext
+from trisocks.server.engines import make_engine
 from trisocks.server.listeners import open_listeners
-from trisocks.server.relay import make_engine
-from trisocks.server.revocation import CredentialWatcher
+from trisocks.server.revocation import CredentialWatcher, QuotaWatcher
 from trisocks.server.session import handle_client
 from trisocks.sessions import SessionRegistry
 from trisocks.store.cache import CachedStore
 from trisocks.store.interface import UserStore
 from trisocks.tls import server_context
 
-__all__ = ["serve"]
+__all__ = ["AdminService", "serve"]
 
 log = logging.getLogger("trisocks.server")
 
@@ -108,14 +109,23 @@ async def _accept_loop(
             sessions.start_soon(handle_client, stream, ctx, tls)
 
 
+AdminService = Callable[..., Awaitable[None]]
+"""Serves the admin API for a context: started as ``nursery.start(service, ctx)``, it reports
+the address it bound (:func:`trisocks.admin.server.serve_admin`)."""
+
+
 async def serve(
     config: Config,
     store: UserStore,
     *,
+    admin: AdminService | None = None,
     task_status: trio.TaskStatus[ServerContext] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy until ``ctx.shutdown`` is set; ``task_status.started`` gets the context
     once every listener is bound (``ctx.listening`` holds their addresses).
+
+    *admin* serves the admin API where ``config.admin`` asks for it; it lives above this layer
+    (:func:`trisocks.admin.server.serve_with_admin` passes it), so without one there is none.
 
     Resource handling: listeners are closed when accepting stops; sessions get
     ``config.shutdown_grace`` seconds, then are cancelled; accounting is flushed last.
@@ -125,10 +135,11 @@ async def serve(
         if isinstance(store, CachedStore):  # writes leave, others' writes arrive
             root.start_soon(store.run)
         root.start_soon(ctx.accountant.run, config.accounting_flush_interval)
-        await root.start(CredentialWatcher(ctx).run)
-        await root.start(ctx.guard.run)  # quotas of live sessions
+        await root.start(CredentialWatcher(ctx.store, ctx.registry, ctx.authenticator).run)
+        await root.start(QuotaWatcher(ctx.user_limits, ctx.registry, ctx.stats).run)
         if fleet_enabled(config):
-            ctx.fleet = await trio.to_thread.run_sync(FleetNode.open, ctx)
+            ctx.fleet = await trio.to_thread.run_sync(
+                FleetNode.open, ctx.config, ctx.store, ctx.registry)
             await root.start(ctx.fleet.run)
         if config.admin is not None:  # @admin matches it before the first accept
             infos = await trio.socket.getaddrinfo(config.admin.host, config.admin.port,
@@ -156,7 +167,8 @@ async def serve(
                     await accepting.start(
                         _accept_loop, listener, sessions, ctx, listener in tls_listeners
                     )
-                await _start_admin(root, ctx)
+                if admin is not None:
+                    await _start_admin(root, ctx, admin)
                 task_status.started(ctx)
                 await ctx.shutdown.wait()
                 accepting.cancel_scope.cancel()
@@ -172,10 +184,8 @@ async def serve(
     log.info("stopped")
 
 
-async def _start_admin(root: trio.Nursery, ctx: ServerContext) -> None:
+async def _start_admin(root: trio.Nursery, ctx: ServerContext, admin: AdminService) -> None:
     """The admin API joins the root nursery (see trisocks.admin); off when ``admin`` is None."""
     if ctx.config.admin is None or worker_index():  # worker 0 serves it for all
         return
-    from trisocks.admin.server import serve_admin  # Hypercorn and Quart load only when used
-
-    ctx.admin_address = await root.start(serve_admin, ctx)
+    ctx.admin_address = await root.start(admin, ctx)

@@ -17,20 +17,22 @@ import trio
 from trisocks.logs import quote
 from trisocks.net import format_sockaddr, ip_of
 from trisocks.policy.rules import IP
-from trisocks.protocol import Command, Reply, Request
+from trisocks.protocol import Address, Command, Reply, Request
 from trisocks.protocol.proxy import ProxyProtocolError
+from trisocks.server.admission import HandshakeEvicted
 from trisocks.server.bind import handle_bind
-from trisocks.server.common import ClientStream, send_reply
 from trisocks.server.connect import handle_connect
 from trisocks.server.context import ServerContext
+from trisocks.server.control import ClientStream
 from trisocks.server.detect import detect
-from trisocks.server.guard import HandshakeEvicted
 from trisocks.server.handshake import HandshakeFailed, handshake
+from trisocks.server.judge import open_request
 from trisocks.server.listeners import receive_proxy_header
+from trisocks.server.replies import send_reply
 from trisocks.server.resolve import handle_resolve
 from trisocks.server.socks4 import socks4_handshake
 from trisocks.server.udp import handle_udp_associate
-from trisocks.sessions import COMMAND_NAMES, Session
+from trisocks.sessions import COMMAND_NAMES, Session, SessionView
 from trisocks.tls import certificate_user
 
 __all__ = ["handle_client"]
@@ -55,8 +57,8 @@ async def handle_client(stream: trio.SocketStream, ctx: ServerContext, tls: bool
         if peer is None:
             stream.socket.close()
             return
-    client, ip = format_sockaddr(peer), ip_of(peer[0])
-    if ctx.guard.admit(ip) is not None:  # counted; not a session, so not in the access log
+    client, ip = Address.of(peer[0], peer[1]), ip_of(peer[0])
+    if ctx.admission.admit(ip) is not None:  # counted; not a session, so not in the access log
         stream.socket.close()
         return
     started = trio.current_time()
@@ -69,7 +71,7 @@ async def handle_client(stream: trio.SocketStream, ctx: ServerContext, tls: bool
         except HandshakeFailed as exc:
             ctx.stats.handshake_failures[exc.reason] += 1
             if exc.reason == "auth_failed":
-                ctx.guard.auth_result(ip, ok=False)
+                ctx.admission.auth_result(ip, ok=False)
             session.close_reason = str(exc)
         except HandshakeEvicted as exc:  # counted under its cap in stats.limited as well
             ctx.stats.handshake_failures["evicted"] += 1
@@ -105,7 +107,7 @@ async def _start_tls(
     stream: trio.SocketStream, session: Session, ctx: ServerContext, ip: IP
 ) -> trio.SSLStream[trio.SocketStream]:
     """The TLS handshake of a TLS listener's connection, under the handshake timeout and caps
-    (:meth:`Guard.handshaking`), with the context current now (a reload changes only later
+    (:meth:`Admission.handshaking`), with the context current now (a reload changes only later
     handshakes). A verified client certificate names the session's user (:mod:`trisocks.tls`).
 
     Raises:
@@ -114,7 +116,7 @@ async def _start_tls(
     """
     assert ctx.tls_context is not None, "a TLS listener without a context: config unchecked"
     conn = trio.SSLStream(stream, ctx.tls_context, server_side=True)
-    with ctx.guard.handshaking(session, ip):
+    with ctx.admission.handshaking(session, ip):
         first = await stream.socket.recv(1, socket.MSG_PEEK)  # left in place for TLS to read
         if first != TLS_HANDSHAKE_RECORD:  # a plain client waiting for an answer: no TLS
             raise HandshakeFailed("tls", "not TLS (a plain client on a TLS listener)"
@@ -179,14 +181,14 @@ async def _proxied_peer(stream: trio.SocketStream, balancer: Any, ctx: ServerCon
 async def _serve(stream: trio.SocketStream, session: Session, ctx: ServerContext, ip: IP) -> None:
     """Tell the protocol from the first byte (:mod:`trisocks.server.detect`), then serve it."""
     client: ClientStream
-    with ctx.guard.handshaking(session, ip):  # the handshake timeout, and eviction
+    with ctx.admission.handshaking(session, ip):  # the handshake timeout, and eviction
         protocol, conn = await _detect(stream, ctx)
         if protocol == "socks5":
             request, leftover, client = await handshake(cast(Any, conn), session, ctx)
         elif protocol == "socks4":
             request, leftover = await socks4_handshake(conn, session, ctx)
             client = cast(Any, conn)
-    if protocol == "http":  # it enters ctx.guard.handshaking itself, around its request head
+    if protocol == "http":  # it enters ctx.admission.handshaking itself, around its request head
         from trisocks.server.http_proxy import serve_http
 
         await serve_http(cast(Any, conn), session, ctx, ip)
@@ -221,20 +223,19 @@ async def serve_request(
 ) -> None:
     """Serve a SOCKS request (SOCKS5, or SOCKS4 turned into the same Request): the rules and
     the user's limits, the lifetime, then the command's handler. Replies go out in the
-    session's protocol (:func:`trisocks.server.common.send_reply`)."""
+    session's protocol (:func:`trisocks.server.replies.send_reply`)."""
     if session.user is not None:
-        ctx.guard.auth_result(ip, ok=True)
-    session.command = COMMAND_NAMES[request.command]
-    session.target = str(request.address)
+        ctx.admission.auth_result(ip, ok=True)
+    session.command, session.target = request.command, request.address
     ctx.registry.notify("request", session)
-    _, refusal = ctx.guard.open_request(session, ip, request)
+    _, refusal = open_request(ctx.judge, ctx.user_limits, session, ip, request)
     if refusal is not None:  # RFC 1928 §6: "connection not allowed by ruleset"
-        log.info("session %s: %s %s refused: %s", session.id, session.command,
-                 quote(session.target), refusal)
+        log.info("session %s: %s %s refused: %s", session.id, COMMAND_NAMES[request.command],
+                 quote(str(request.address)), refusal)
         session.close_reason = refusal
         await send_reply(client, session, Reply.NOT_ALLOWED)
         return
-    lifetime = ctx.guard.max_duration(session)
+    lifetime = ctx.user_limits.max_duration(session)
     if lifetime:  # the session's own scope carries it: no extra scope per session
         session.scope.deadline = trio.current_time() + lifetime
     await HANDLERS[request.command](client, session, request, leftover, ctx)
@@ -249,47 +250,42 @@ HANDLERS = {
 }
 
 
+NOT_LOGGED = ("state", "started_at", "instance")
+"""View fields the access log's record leaves out (the API has them)."""
+
+
+def log_record(view: SessionView, duration: float) -> dict[str, Any]:
+    """The ``session`` record of an access-log line (the JSON log format prints it whole)."""
+    fields = view.text()
+    for key in NOT_LOGGED:
+        del fields[key]
+    fields["duration"] = round(duration, 6)
+    fields["reason"] = fields.pop("close_reason")
+    return fields
+
+
 def _log_session(ctx: ServerContext, session: Session, duration: float) -> None:
-    c = session.counters
-    ctx.stats.bytes_up += c.bytes_up
-    ctx.stats.bytes_down += c.bytes_down
-    if session.reply is not None:
-        ctx.stats.replies[session.reply] += 1
-    ctx.stats.protocols[session.protocol] += 1
+    view = session.view()
+    ctx.stats.bytes_up += view.bytes_up
+    ctx.stats.bytes_down += view.bytes_down
+    if view.reply is not None:
+        ctx.stats.replies[view.reply] += 1
+    ctx.stats.protocols[view.protocol] += 1
+    record = log_record(view, duration)
     ctx.access_log.info(
         "%s user=%s %s %s reply=%s rule=%s up=%d down=%d duration=%.3fs protocol=%s%s%s%s",
-        quote(session.client),  # every value a client (or an operator) chose is quoted
-        quote(session.user),
-        quote(session.command),
-        quote(session.target),
-        f"{session.reply:02x}" if session.reply is not None else "-",
-        quote(session.rule),
-        c.bytes_up,
-        c.bytes_down,
+        quote(record["client"]),  # every value a client (or an operator) chose is quoted
+        quote(view.user),
+        quote(record["command"]),
+        quote(record["target"]),
+        f"{view.reply:02x}" if view.reply is not None else "-",
+        quote(view.rule),
+        view.bytes_up,
+        view.bytes_down,
         duration,
-        session.protocol,
-        " tls=yes" if session.tls else "",
-        f" userid={quote(session.userid)}" if session.userid is not None else "",
-        f" reason={quote(session.close_reason)}" if session.close_reason else "",
-        extra={
-            "session": {
-                "id": session.id,
-                "client": session.client,
-                "user": session.user,
-                "command": session.command,
-                "target": session.target,
-                "resolved": session.resolved,
-                "reply": session.reply,
-                "rule": session.rule,
-                "protocol": session.protocol,
-                "tls": session.tls,
-                "userid": session.userid,
-                "bytes_up": c.bytes_up,
-                "bytes_down": c.bytes_down,
-                "datagrams_up": c.datagrams_up,
-                "datagrams_down": c.datagrams_down,
-                "duration": round(duration, 6),
-                "reason": session.close_reason,
-            }
-        },
+        view.protocol,
+        " tls=yes" if view.tls else "",
+        f" userid={quote(view.userid)}" if view.userid is not None else "",
+        f" reason={quote(view.close_reason)}" if view.close_reason else "",
+        extra={"session": record},
     )

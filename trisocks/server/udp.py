@@ -9,7 +9,7 @@ Rules an association keeps:
 2. Towards targets, one outbound socket, made on first use: dual-stack (``AF_INET6`` with
    ``IPV6_V6ONLY`` off; IPv4 targets are sent to as ``::ffff:a.b.c.d`` and such sources are
    named as IPv4 again), so an association holds at most two UDP ports, this one and the one
-   facing the client (``Guard.reserve`` counts them against ``udp_sockets``). A datagram
+   facing the client (``Reservations.reserve`` counts them against ``udp_sockets``). A datagram
    from a target comes back to the client only if the client has sent to that exact IP and
    port; its header names that source.
 3. FRAG ≠ 0 goes through one :class:`Reassembler`, whose timer runs on trio's clock: the queue
@@ -44,16 +44,16 @@ from trisocks.protocol import (
     encode_udp_header,
     parse_udp_header,
 )
-from trisocks.server.common import (
+from trisocks.server.context import ServerContext, Stats
+from trisocks.server.control import (
     ClientStream,
     announced_address,
     open_local_socket,
-    send_reply,
     watch_control,
 )
-from trisocks.server.context import ServerContext, Stats
 from trisocks.server.dial import literal, lookup, reach
 from trisocks.server.errors import reply_for
+from trisocks.server.replies import send_reply
 from trisocks.sessions import Session
 
 __all__ = ["FragmentQueue", "NameCache", "handle_udp_associate"]
@@ -77,7 +77,7 @@ async def handle_udp_associate(
     ctx: ServerContext,
 ) -> None:
     """Serve a UDP ASSOCIATE request: reply with the relay's address, relay until the end."""
-    refusal = ctx.guard.reserve(session, "udp")  # held until the session ends
+    refusal = ctx.reservations.reserve(session, "udp")  # held until the session ends
     if refusal is not None:
         await send_reply(stream, session, refusal)
         return
@@ -90,8 +90,7 @@ async def handle_udp_associate(
     with relay_socket:
         # The session's client, not the socket's peer: behind a PROXY protocol balancer the
         # datagrams come from the real client, which only the header named.
-        client_host = session.client.rpartition(":")[0].strip("[]")
-        client = ClientFilter(ip_of(client_host), request.address.port or None)
+        client = ClientFilter(session.client_ip, request.address.port or None)
         gss = stream if isinstance(stream, GssStream) else None
         association = Association(ctx, session, relay_socket, client, gss)
         bound = announced_address(ctx, relay_socket.getsockname())
@@ -224,12 +223,12 @@ class Association:
     _outbound: trio.socket.SocketType | None = None
     _idle: trio.CancelScope = attrs.Factory(trio.CancelScope)
     _allowed: Callable[[str | None, Any, int], bool] = attrs.field(init=False)
-    """The access rules, per datagram target (:meth:`Guard.datagram_check`)."""
+    """The access rules, per datagram target (:meth:`Judge.datagram_check`)."""
 
     def __attrs_post_init__(self) -> None:
         reassembler = Reassembler(timeout=self.ctx.config.udp_reassembly_timeout)
         self.fragments = FragmentQueue(reassembler, self.ctx.stats)
-        self._allowed = self.ctx.guard.datagram_check(self.session)
+        self._allowed = self.ctx.judge.datagram_check(self.session)
 
     async def run(self, control: ClientStream) -> None:
         """Relay until rule 4 ends the association."""

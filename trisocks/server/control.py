@@ -1,31 +1,24 @@
-"""Small helpers the command handlers share."""
+"""The client's control connection as the command handlers see it: its stream type, a socket
+opened beside it (BIND, UDP ASSOCIATE), the address announced for one, and watching it close."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from trisocks.gss.stream import GssStream, relay_gss
+from trisocks.gss.stream import GssStream
 from trisocks.net import address_of, socket_of
-from trisocks.protocol import Address, Reply, encode_reply
-from trisocks.protocol.socks4 import encode_socks4_reply
-from trisocks.server import quickio
-from trisocks.server.relay import relay
-from trisocks.sessions import Session
+from trisocks.protocol import Address
 
 if TYPE_CHECKING:
     from trisocks.server.context import ServerContext
 
 __all__ = [
     "CONTROL_BUFFER_LIMIT",
-    "REPLY_ENCODERS",
     "ClientStream",
     "announced_address",
     "open_local_socket",
-    "relay_session",
-    "send_reply",
     "watch_control",
 ]
 
@@ -36,28 +29,6 @@ ClientStream = trio.SocketStream | GssStream | trio.SSLStream[trio.SocketStream]
 """The client connection as handlers see it: plain, wrapped after GSSAPI (RFC 1961), or inside
 TLS (a TLS listener). :func:`socket_of` gives the socket under any of them, for addresses;
 only a plain one can be relayed by file descriptor."""
-
-
-def _socks4_reply(reply: Reply, bound: Address | None) -> bytes:
-    return encode_socks4_reply(reply == Reply.SUCCEEDED, bound)
-
-
-REPLY_ENCODERS: dict[str, Callable[[Reply, Address | None], bytes]] = {
-    "socks5": encode_reply,
-    "socks4": _socks4_reply,
-}
-"""How a reply goes on the wire, by :attr:`Session.protocol`: the handlers (CONNECT, BIND,
-RESOLVE) are shared and speak in RFC 1928 codes; SOCKS4 turns success into 5A and every
-failure into 5B."""
-
-
-async def send_reply(
-    stream: ClientStream, session: Session, reply: Reply, bound: Address | None = None
-) -> None:
-    """Send a reply in the session's protocol and remember it as the session's outcome (as
-    an RFC 1928 code, whatever the protocol: it says more than SOCKS4's 5B)."""
-    session.reply = reply
-    await quickio.send(stream, REPLY_ENCODERS[session.protocol](reply, bound))
 
 
 async def open_local_socket(stream: ClientStream, type: int) -> trio.socket.SocketType:
@@ -105,29 +76,3 @@ async def watch_control(stream: ClientStream, keep: bytearray | None = None) -> 
         return
     await trio.sleep_forever()
 
-
-async def relay_session(
-    stream: ClientStream,
-    upstream: trio.SocketStream,
-    leftover: bytes,
-    session: Session,
-    ctx: ServerContext,
-) -> None:
-    """The relaying phase of CONNECT and BIND: what the client sent early goes first, then
-    both directions flow until they end; how they ended (:func:`relay`: a normal end, the idle
-    timeout, or a socket error and its side) becomes the close reason."""
-    ctx.registry.set_state(session, "relaying")
-    if leftover:
-        await upstream.send_all(leftover)
-        session.counters.bytes_up += len(leftover)
-    throttles = ctx.guard.throttles(session)
-    if isinstance(stream, GssStream):  # wrapped bytes: no splice, no fd copy
-        failure = await relay_gss(
-            stream, upstream, session.counters, ctx.config.idle_timeout, throttles
-        )
-        if failure is not None:
-            session.close_reason = f"relay: {failure.strerror or failure}"
-    else:
-        session.close_reason = await relay(
-            stream, upstream, session.counters, ctx.engine, ctx.config.idle_timeout, throttles
-        )

@@ -1,6 +1,6 @@
 """``trisocks sessions list|kill`` and ``trisocks usage``: the admin API from a shell.
 
-They talk HTTP to a running server (see :mod:`trisocks.admin.client` for where the URL and
+They talk HTTP to a running server (see :mod:`trisocks.cli.admin_client` for where the URL and
 token come from) and print tables. Any failure exits with status 2 and a one-line message.
 """
 
@@ -11,9 +11,15 @@ import datetime
 from collections.abc import Callable
 from typing import Any
 
-from trisocks.admin.client import URL_ENV, AdminClient, AdminError, find_token, format_table
 from trisocks.admin.tokens import TOKEN_ENV
-from trisocks.cli import fail
+from trisocks.cli.admin_client import (
+    URL_ENV,
+    AdminClient,
+    AdminError,
+    find_token,
+    format_table,
+)
+from trisocks.cli.common import fail
 from trisocks.config import default_db_path
 
 __all__ = ["add_admin_commands"]

@@ -8,7 +8,6 @@ streaming iterators leave generators to the garbage collector, which trio report
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import Proxy, receive_exactly
+from tests.conftest import Proxy, eventually, receive_exactly
 from trisocks.config import Endpoint
 
 TOKEN = "test-token-0123456789"
@@ -38,19 +37,6 @@ def socket_count() -> int:
         except FileNotFoundError:  # the fd listdir itself used
             pass
     return count
-
-
-async def eventually(check: Callable[[], Any], interval: float = 0.005) -> Any:
-    """Poll *check* (sync or async) until it returns something truthy, and return that.
-
-    For what changes without an event to wait on: counters, fd tables, another task's state."""
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        await trio.sleep(interval)
 
 
 def admin_url(proxy: Proxy) -> str:
@@ -95,15 +81,6 @@ async def echo_round(stream: trio.SocketStream, payload: bytes) -> None:
     assert received == payload
 
 
-async def wait_closed(stream: trio.SocketStream) -> None:
-    """Return once the peer has closed: EOF or a reset."""
-    try:
-        while await stream.receive_some(65536):
-            pass
-    except trio.BrokenResourceError:
-        pass
-
-
 async def session_of(api: httpx.AsyncClient, **filters: str) -> dict[str, Any]:
     """The one live session matching *filters*, once it is relaying."""
 
@@ -112,7 +89,7 @@ async def session_of(api: httpx.AsyncClient, **filters: str) -> dict[str, Any]:
         assert len(sessions) <= 1, sessions
         return sessions[0] if sessions and sessions[0]["state"] == "relaying" else None
 
-    return await eventually(relaying)  # type: ignore[no-any-return]
+    return await eventually(relaying, limit=10)  # type: ignore[no-any-return]
 
 
 class EventStream:

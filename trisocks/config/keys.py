@@ -1,0 +1,260 @@
+"""Every config key and its converter (:data:`KEYS`), which turns a raw TOML or flag value
+into the checked value of :class:`~trisocks.config.settings.Config`.
+
+A converter is ``converter(key, raw_value) -> value`` and raises
+:class:`~trisocks.config.values.ConfigError` naming *key*. The checks across keys are
+:mod:`trisocks.config.build`'s.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from trisocks.config.values import ConfigError, Endpoint, IPNetwork
+from trisocks.policy.matching import Rule
+from trisocks.policy.rule_parsing import RuleError, parse_rules
+
+__all__ = [
+    "AUTH_METHODS", "GSS_LEVELS", "KEYS", "LOG_FORMATS", "LOG_LEVELS", "PROTOCOLS",
+    "RELAY_ENGINES", "is_db_url",
+]
+
+
+AUTH_METHODS = ("none", "password", "gssapi")
+GSS_LEVELS = (1, 2)
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+RELAY_ENGINES = ("auto", "splice", "copy")
+
+
+def _positive(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number of seconds, got {value!r}")
+    if not math.isfinite(value):  # TOML and float() take nan and inf; trio refuses a NaN deadline
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    if value <= 0:
+        raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    return float(value)
+
+
+def _choice(choices: tuple[str, ...]) -> Any:
+    def convert(key: str, value: Any) -> str:
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return convert
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _listen(key: str, value: Any) -> tuple[Endpoint, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError(f"{key}: expected one or more HOST:PORT strings")
+    if not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"{key}: expected HOST:PORT strings, got {value!r}")
+    return tuple(Endpoint.parse(item, key=key) for item in items)
+
+
+def _auth(key: str, value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError(f"{key}: expected a list of methods")
+    methods = tuple(str(item).strip() for item in items)
+    for method in methods:
+        if method not in AUTH_METHODS:
+            raise ConfigError(
+                f"{key}: unknown method {method!r} (known: {', '.join(AUTH_METHODS)})"
+            )
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"{key}: a method is listed twice")
+    return methods
+
+
+PROTOCOLS = ("socks5", "socks4", "http")
+
+
+def _protocols(key: str, value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError(f"{key}: expected a list of protocols")
+    names = tuple(str(item).strip().lower() for item in items)
+    for name in names:
+        if name not in PROTOCOLS:
+            raise ConfigError(f"{key}: unknown protocol {name!r} (known: {', '.join(PROTOCOLS)})")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{key}: a protocol is listed twice")
+    return names
+
+
+def _gss_level(key: str, value: Any) -> tuple[int, ...]:
+    items = str(value).split(",") if isinstance(value, str | int) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError(f"{key}: expected 1, 2 or \"1,2\", got {value!r}")
+    levels = {str(item).strip() for item in items}
+    if not levels <= {"1", "2"}:
+        raise ConfigError(
+            f"{key}: expected levels 1 (integrity) and/or 2 (confidentiality), got {value!r}"
+        )
+    return tuple(sorted(int(level) for level in levels))
+
+
+def _admin(key: str, value: Any) -> Endpoint | None:
+    if value in (None, False, "off", "none"):
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected HOST:PORT or \"off\", got {value!r}")
+    return Endpoint.parse(value, key=key)
+
+
+def _text(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def is_db_url(db: Path | str) -> bool:
+    """A PostgreSQL URL rather than an SQLite file path."""
+    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
+
+
+def _db(key: str, value: Any) -> Path | str:
+    if isinstance(value, str) and is_db_url(value):
+        return value
+    return _path(key, value)
+
+
+def _path(key: str, value: Any) -> Path:
+    if not isinstance(value, str | os.PathLike) or not str(value):
+        raise ConfigError(f"{key}: expected a file path, got {value!r}")
+    return Path(value).expanduser()
+
+
+def _count(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}: expected a whole number >= 1, got {value!r}")
+    return value
+
+
+def _limit(key: str, value: Any) -> int | None:
+    """A count, or ``off`` (also 0) for no limit."""
+    if value in ("off", 0):
+        return None
+    return _count(key, value)
+
+
+def _optional_positive(key: str, value: Any) -> float | None:
+    return None if value in ("off", 0) else _positive(key, value)
+
+
+def _rules(key: str, value: Any) -> tuple[Rule, ...]:
+    """A list of rule tables, or the path of a TOML file holding ``[[rules]]``."""
+    if isinstance(value, str | os.PathLike):
+        path = _path(key, value)
+        try:
+            with open(path, "rb") as f:
+                value = tomllib.load(f).get("rules", [])
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{key}: {path} is not valid TOML: {exc}") from None
+    try:
+        return parse_rules(value)
+    except RuleError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _groups(key: str, value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A TOML table ``{staff = ["alice", "bob"]}``, or ``staff=alice,bob;ops=carol``."""
+    if isinstance(value, str):
+        pairs = [part.partition("=") for part in value.split(";") if part.strip()]
+        if not all(sep for _, sep, _ in pairs):
+            raise ConfigError(f"{key}: expected NAME=USER,USER;NAME=USER, got {value!r}")
+        value = {name.strip(): users.split(",") for name, _, users in pairs}
+    if not isinstance(value, Mapping) or not all(
+        isinstance(users, list) and all(isinstance(u, str) for u in users)
+        for users in value.values()
+    ):
+        raise ConfigError(f"{key}: expected a table of user lists, got {value!r}")
+    return tuple(
+        (str(name), tuple(u.strip() for u in users)) for name, users in sorted(value.items())
+    )
+
+
+def _networks(key: str, value: Any) -> tuple[IPNetwork, ...]:
+    items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"{key}: expected a list of networks (CIDR), got {value!r}")
+    try:
+        return tuple(ipaddress.ip_network(str(item).strip(), strict=False) for item in items)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _reassembly(key: str, value: Any) -> float:
+    seconds = _positive(key, value)
+    if seconds < 5:
+        raise ConfigError(f"{key}: RFC 1928 requires at least 5 seconds, got {value}")
+    return seconds
+
+
+KEYS: Mapping[str, Any] = {
+    "listen": _listen,
+    "auth": _auth,
+    "protocols": _protocols,
+    "db": _db,
+    "allow_open_proxy": _bool,
+    "handshake_timeout": _positive,
+    "connect_timeout": _positive,
+    "idle_timeout": _positive,
+    "shutdown_grace": _positive,
+    "bind_timeout": _positive,
+    "udp_idle_timeout": _positive,
+    "udp_reassembly_timeout": _reassembly,
+    "external_address": _text,
+    "relay_engine": _choice(RELAY_ENGINES),
+    "admin": _admin,
+    "admin_token": _text,
+    "admin_token_file": _path,
+    "metrics_public": _bool,
+    "log_format": _choice(LOG_FORMATS),
+    "log_level": _choice(LOG_LEVELS),
+    "accounting_flush_interval": _positive,
+    "max_sessions": _count,
+    "gss_keytab": _path,
+    "gss_service": _text,
+    "gss_level": _gss_level,
+    "rules": _rules,
+    "rules_default": _choice(("allow", "deny")),
+    "groups": _groups,
+    "max_sessions_per_user": _limit,
+    "max_handshakes": _count,
+    "max_handshakes_per_client": _limit,
+    "max_binds_per_user": _limit,
+    "max_udp_per_user": _limit,
+    "udp_sockets": _count,
+    "connection_rate": _optional_positive,
+    "auth_failure_limit": _limit,
+    "auth_backoff_max": _positive,
+    "auth_backoff_exempt": _networks,
+    "max_session_duration": _optional_positive,
+    "workers": _count,
+    "proxy_protocol": _bool,
+    "tls_cert": _path,
+    "tls_key": _path,
+    "tls_client_ca": _path,
+}
+"""Every config key with its converter: ``converter(key, raw_value) -> value``."""
