@@ -13,6 +13,9 @@ const age = (r, now) => now - Date.parse(r.session.started_at); // ms
 const COLUMNS = [
   { key: "id", label: "ID", value: (r) => r.session.id },
   { key: "user", label: "User", value: (r) => r.session.user ?? "", text: (r) => dash(r.session.user) },
+  // What vouched for the user: store, pam, ldap, http, gssapi or tls.
+  { key: "source", label: "Source", value: (r) => r.session.source ?? "",
+    text: (r) => dash(r.session.source) },
   { key: "client", label: "Client", value: (r) => r.session.client },
   { key: "command", label: "Command", value: (r) => dash(r.session.command) },
   // socks5, socks4, http-connect or http; "+tls" inside a TLS listener.

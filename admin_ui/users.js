@@ -5,6 +5,9 @@ import { api } from "./api.js";
 import { formatBytes, formatCount, formatSince, parseTime } from "./format.js";
 
 const ANONYMOUS = "(anonymous)"; // accounts unauthenticated sessions; not a manageable user
+// Sources whose users are managed here. Accounts another source vouched for (ldap:alice,
+// gssapi:bob) only get "End sessions": their password and existence belong to that source.
+const MANAGED = ["store", null, undefined];
 
 const ACTIONS = [
   { action: "kill", label: "End sessions", className: "quiet small" },
@@ -35,9 +38,10 @@ export class UsersPanel {
   render(users, now = Date.now()) {
     const existing = new Map([...this.body.rows].map((tr) => [tr.dataset.user, tr]));
     const rows = users.map((u) => {
-      const tr = existing.get(u.user) ?? this.#createRow(u.user);
+      const tr = existing.get(u.user) ?? this.#createRow(u.user, u.source);
       const texts = [
         u.user,
+        u.source ?? "—",
         formatCount(u.active_sessions),
         formatCount(u.sessions_total),
         formatBytes(u.bytes_up),
@@ -56,14 +60,19 @@ export class UsersPanel {
     if (order(rows) !== order([...this.body.rows])) this.body.replaceChildren(...rows);
   }
 
-  #createRow(name) {
+  #createRow(name, source) {
     const tr = document.createElement("tr");
     tr.dataset.user = name;
-    for (const className of ["", "num", "num", "num", "num", "num", ""]) tr.insertCell().className = className;
+    tr.dataset.source = source ?? "";
+    for (const className of ["col-user", "col-source", "num", "num", "num", "num", "num", ""]) {
+      tr.insertCell().className = className;
+    }
     const actions = tr.insertCell();
     actions.className = "actions";
     if (name === ANONYMOUS) return tr;
+    const external = !MANAGED.includes(source);
     for (const { action, label, className } of ACTIONS) {
+      if (external && action !== "kill") continue;
       const button = document.createElement("button");
       button.type = "button";
       button.className = className;

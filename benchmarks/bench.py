@@ -10,9 +10,13 @@ loadgen.py processes, separate from this harness and from the server.
 Per server it measures:
 
 * bulk download MB/s (10^6 B/s) with 1 and with 8 parallel streams;
+* bulk download MB/s with 1 stream from the origin's bursty service (paced
+  16-64 KiB bursts, see origin.py), and the server's CPU seconds per GiB over it;
 * connections/s (connect, SOCKS handshake + CONNECT, 4-byte request and reply,
   the origin closes and the client sees EOF), one sequential client and 64
   concurrent clients (2 processes x 32 threads);
+* server CPU µs per connection: its process group's CPU time over that 64-client
+  rate run (warm-up included) divided by every connection completed in it;
 * round-trip latency p50/p99 (µs) of 16-byte ping/pongs over one connection;
 * KiB of server memory per idle established connection with N held open,
   each N on a freshly started server (see procs.py for how memory is summed);
@@ -41,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import origin
 import peers
 import procs
 import report
@@ -86,6 +91,7 @@ class Ports(NamedTuple):
     bulk: int
     echo: int
     oneshot: int
+    bursty: int
 
 
 class ServerStartError(RuntimeError):
@@ -201,6 +207,18 @@ def bulk(target: Target, port: int, streams: int, s: Settings) -> tuple[float, i
 
 def connrate(target: Target, port: int, clients: int, processes: int, s: Settings) -> float:
     """Completed connect-request-close cycles per second, over all processes."""
+    return connrate_with_cpu(target, port, clients, processes, s)[0]
+
+
+def connrate_with_cpu(
+    target: Target, port: int, clients: int, processes: int, s: Settings
+) -> tuple[float, float | None]:
+    """(connections/s in the window, server CPU µs per connection over the whole run).
+
+    The CPU is the server's process group's, read before the load generators start and after
+    they exit; it is divided by every connection completed (warm-up included), not only those
+    inside the window. None without a server (no proxy)."""
+    cpu_before = procs.cpu_seconds(target.pgid) if target.pgid is not None else 0.0
     start_at = time.time() + 0.3
     argv = target.loadgen_argv(
         "connrate",
@@ -215,7 +233,9 @@ def connrate(target: Target, port: int, clients: int, processes: int, s: Setting
         str(start_at),
     )
     results = run_loadgens([argv] * processes, s.duration + s.warmup + PROCESS_SLACK)
+    cpu = procs.cpu_seconds(target.pgid) - cpu_before if target.pgid is not None else None
     completed = sum(r["completed"] for r in results)
+    total = sum(r.get("total_completed", r["completed"]) for r in results)
     errors = sum(r["errors"] for r in results)
     first_error = next((r["first_error"] for r in results if r["first_error"]), None)
     if completed == 0:
@@ -224,7 +244,7 @@ def connrate(target: Target, port: int, clients: int, processes: int, s: Setting
         target.notes.append(
             f"{errors} failed connections at {clients} client(s), first: {first_error}"
         )
-    return completed / s.duration
+    return completed / s.duration, None if cpu is None else cpu / total * 1e6
 
 
 def rtt(target: Target, port: int, s: Settings) -> tuple[float, float]:
@@ -299,17 +319,20 @@ def attempt(
 def measure_traffic(row: dict[str, Cell], target: Target, ports: Ports, s: Settings) -> None:
     """Throughput, connection rate, latency and CPU against one running server."""
 
-    def bulk_with_cpu() -> tuple[float, float | None]:
+    def bulk_with_cpu(port: int = ports.bulk) -> tuple[float, float | None]:
         if target.pgid is None:
-            return bulk(target, ports.bulk, 1, s)[0], None
+            return bulk(target, port, 1, s)[0], None
         cpu_before = procs.cpu_seconds(target.pgid)
-        mbps, total = bulk(target, ports.bulk, 1, s)
+        mbps, total = bulk(target, port, 1, s)
         return mbps, (procs.cpu_seconds(target.pgid) - cpu_before) / (total / 2**30)
 
     attempt(row, ("bulk1", "cpu"), bulk_with_cpu, "bulk 1 stream MB/s, CPU s/GiB")
     attempt(row, ("bulk8",), lambda: bulk(target, ports.bulk, 8, s)[0], "bulk 8 streams MB/s")
+    attempt(row, ("bursty", "burstycpu"), lambda: bulk_with_cpu(ports.bursty),
+            "bursty origin MB/s, CPU s/GiB")
     attempt(row, ("conn1",), lambda: connrate(target, ports.oneshot, 1, 1, s), "conn/s 1 client")
-    attempt(row, ("conn64",), lambda: connrate(target, ports.oneshot, 64, 2, s), "conn/s 64")
+    attempt(row, ("conn64", "cpuconn"), lambda: connrate_with_cpu(target, ports.oneshot, 64, 2, s),
+            "conn/s 64, CPU µs/conn")
     attempt(row, ("rtt50", "rtt99"), lambda: rtt(target, ports.echo, s), "RTT p50/p99 µs")
 
 
@@ -393,6 +416,12 @@ def method_notes(s: Settings) -> list[str]:
         "established with one 2-byte echo and left idle; kernel socket buffers not included",
         "CPU: utime+stime (+cutime+cstime) over the server's process group, from /proc/PID/stat, "
         "across the whole 1-stream bulk run, divided by GiB received by the client",
+        f"bursty origin: 1 stream from a service sending bursts of {origin.BURST_MIN >> 10}-"
+        f"{origin.BURST_MAX >> 10} KiB (one sendall each) with {origin.GAP_MIN * 1e6:.0f}-"
+        f"{origin.GAP_MAX * 1e6:.0f} µs pauses between them (uniform, fixed seed); CPU as above",
+        "CPU µs/conn: the same group CPU, read before and after the 64-client rate run (the one "
+        "conn/s 64 clients comes from), divided by all connections completed in it (warm-up "
+        f"included), CPU read in clock ticks of {1000 / procs.CLK_TCK:g} ms",
     ]
 
 

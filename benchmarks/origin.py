@@ -1,11 +1,18 @@
 """Origin server for the benchmarks: the thing every proxy connects to.
 
-Runs as its own process (``python benchmarks/origin.py``) and serves three
-loopback TCP services, then prints ``READY <bulk_port> <echo_port> <oneshot_port>``:
+Runs as its own process (``python benchmarks/origin.py``) and serves four
+loopback TCP services, then prints
+``READY <bulk_port> <echo_port> <oneshot_port> <bursty_port>``:
 
 * bulk: the client sends one ASCII line with a byte count (``"12345\\n"``);
   the server sends that many bytes as fast as it can (``sendall`` of slices of
   one preallocated buffer, one thread per connection), then closes.
+* bursty: the same request, answered in paced bursts as a remote server over a
+  real network sends: a burst of :data:`BURST_MIN`..:data:`BURST_MAX` bytes
+  (one ``sendall``), then a pause of :data:`GAP_MIN`..:data:`GAP_MAX` seconds,
+  sizes and pauses drawn uniformly from a fixed-seed generator (the same
+  sequence every run), one thread per connection. The proxy thus sees many
+  partly filled reads instead of a socket that is always full.
 * echo: everything received is sent back unchanged until the client closes.
 * oneshot: the first message received is sent back, then the server closes.
   Closing first puts the TIME_WAIT state on the origin's listening port, so
@@ -22,14 +29,19 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import resource
 import selectors
 import signal
 import socket
 import sys
 import threading
+import time
 
 CHUNK = 4 << 20  # bytes per sendall() in the bulk service
+BURST_MIN, BURST_MAX = 16 << 10, 64 << 10  # bytes per burst of the bursty service
+GAP_MIN, GAP_MAX = 100e-6, 400e-6  # seconds between two bursts
+BURST_SEED = 17
 MAX_REQUEST_LINE = 64
 BACKLOG = 4096
 
@@ -76,12 +88,27 @@ def serve_bulk_connection(conn: socket.socket, payload: memoryview) -> None:
             pass
 
 
-def bulk_accept_loop(server: socket.socket) -> None:
+def serve_bursty_connection(conn: socket.socket, payload: memoryview) -> None:
+    """Send the requested number of bytes in paced bursts (module docstring)."""
+    rng = random.Random(BURST_SEED)
+    with conn:
+        try:
+            remaining = read_count(conn)
+            while remaining:
+                n = min(remaining, rng.randint(BURST_MIN, BURST_MAX))
+                conn.sendall(payload[:n])
+                remaining -= n
+                time.sleep(rng.uniform(GAP_MIN, GAP_MAX))
+        except OSError:
+            pass
+
+
+def bulk_accept_loop(server: socket.socket, serve=serve_bulk_connection) -> None:
     payload = memoryview(bytearray(b"x" * CHUNK))
     while True:
         conn, _ = server.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=serve_bulk_connection, args=(conn, payload), daemon=True).start()
+        threading.Thread(target=serve, args=(conn, payload), daemon=True).start()
 
 
 class EchoServer:
@@ -171,9 +198,12 @@ class EchoServer:
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     raise_nofile_limit()
-    bulk, echo, oneshot = listen(), listen(), listen()
+    bulk, echo, oneshot, bursty = listen(), listen(), listen(), listen()
     threading.Thread(target=bulk_accept_loop, args=(bulk,), daemon=True).start()
-    ports = " ".join(str(s.getsockname()[1]) for s in (bulk, echo, oneshot))
+    threading.Thread(
+        target=bulk_accept_loop, args=(bursty, serve_bursty_connection), daemon=True
+    ).start()
+    ports = " ".join(str(s.getsockname()[1]) for s in (bulk, echo, oneshot, bursty))
     print(f"READY {ports}", flush=True)
     EchoServer(echo, oneshot).run(sys.stdin.fileno())
 

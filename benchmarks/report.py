@@ -46,12 +46,15 @@ def columns(idle_counts: tuple[int, ...]) -> list[Column]:
     return [
         Column("bulk1", "bulk 1 stream MB/s", True, "{:,.0f}"),
         Column("bulk8", "bulk 8 streams MB/s", True, "{:,.0f}"),
+        Column("bursty", "bursty origin MB/s", True, "{:,.0f}"),
         Column("conn1", "conn/s sequential", True, "{:,.0f}"),
         Column("conn64", "conn/s 64 clients", True, "{:,.0f}"),
+        Column("cpuconn", "CPU µs/conn (64 clients)", False, "{:,.0f}"),
         Column("rtt50", "RTT p50 µs", False, "{:.0f}"),
         Column("rtt99", "RTT p99 µs", False, "{:.0f}"),
         *idle,
         Column("cpu", "proxy CPU s/GiB", False, "{:.2f}"),
+        Column("burstycpu", "bursty origin CPU s/GiB", False, "{:.2f}"),
     ]
 
 

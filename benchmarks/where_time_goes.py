@@ -1,14 +1,20 @@
 """Where trisocks spends its time per connection and its memory per idle session.
 
     python benchmarks/where_time_goes.py connections [--seconds S]   # cProfile of the server
+    python benchmarks/where_time_goes.py connections --clients 64    # ... under 64 clients
     python benchmarks/where_time_goes.py idle [--sessions N]         # tracemalloc of idle sessions
 
 Both run the server in this process (so the profilers see it) with password auth and the
 admin API on, as users run it; clients and the echo origin are separate processes, so their
 objects and CPU are not counted. ``connections`` prints the connection rate of one sequential
 client (connect, RFC 1929 auth, CONNECT, 4-byte echo, close), the scheduler passes per
-connection and the costliest functions; ``idle`` prints the Python heap per idle established
-session (tracemalloc) and the allocation sites that hold it.
+connection and the costliest functions. With ``--clients N`` (N > 1) the load is bench.py's
+64-client rate run instead: N/32 (at least 1) ``loadgen.py connrate`` processes of up to 32
+threads each, against origin.py's oneshot service (connect, RFC 1929 auth, CONNECT, 4-byte
+request and reply, the origin closes); the profile then covers that run (``--seconds`` of
+measurement after 0.5 s of warm-up) and lists the top functions by cumulative and by self time,
+with the server's CPU per connection (under the profiler, so inflated). ``idle`` prints the
+Python heap per idle established session (tracemalloc) and the allocation sites that hold it.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import json
 import pstats
 import resource
 import subprocess
 import sys
 import tempfile
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -34,6 +42,8 @@ from trisocks.passwords import hash_password
 from trisocks.store.sqlite import Store
 
 USER, PASSWORD = b"bench", b"benchpass"
+HERE = Path(__file__).resolve().parent
+THREADS_PER_LOADGEN = 32
 
 # The echo origin and the clients: plain blocking sockets in another process.
 ECHO = r"""
@@ -78,20 +88,24 @@ else:
 """
 
 
-async def _with_server(body):  # type: ignore[no-untyped-def]
+async def _with_server(body, oneshot: bool = False):  # type: ignore[no-untyped-def]
+    """Run *body(proxy_port, origin_port)* beside an in-process trisocks; the origin is the
+    echo script above, or origin.py's oneshot service (*oneshot*, what loadgen.py expects)."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "t.db")
         store.add_user(USER.decode(), hash_password(PASSWORD))
+        argv = [sys.executable, str(HERE / "origin.py")] if oneshot else [
+            sys.executable, "-c", ECHO]
         echo = await trio.lowlevel.open_process(
-            [sys.executable, "-c", ECHO], stdout=subprocess.PIPE
+            argv, stdin=subprocess.PIPE if oneshot else None, stdout=subprocess.PIPE
         )
         try:
             assert echo.stdout is not None
             line = b""
             while not line.endswith(b"\n"):
                 line += await echo.stdout.receive_some(1)
-            target = int(line)
+            target = int(line.split()[3]) if oneshot else int(line)
             config = Config(
                 listen=(Endpoint("127.0.0.1", 0),), admin=Endpoint("127.0.0.1", 0),
                 admin_token="profile-token-0123456789", db=Path(tmp) / "t.db",
@@ -126,6 +140,59 @@ def connections(seconds: float) -> None:
         stats.sort_stats("tottime").print_stats(25)
 
     trio.run(_with_server, body)
+
+
+def many_connections(seconds: float, clients: int) -> None:
+    """The 64-client connection path under cProfile (module docstring)."""
+    warmup = 0.5
+    processes = max(1, clients // THREADS_PER_LOADGEN)
+    results: list[dict] = []
+
+    async def loadgen(port: int, target: int, threads: int, start_at: float) -> None:
+        done = await trio.run_process(
+            [sys.executable, str(HERE / "loadgen.py"), "connrate", "--target", str(target),
+             "--proxy", f"127.0.0.1:{port}", "--user", USER.decode(),
+             "--password", PASSWORD.decode(), "--clients", str(threads),
+             "--duration", str(seconds), "--warmup", str(warmup), "--start-at", str(start_at)],
+            capture_stdout=True,
+        )
+        results.append(json.loads(done.stdout.decode().strip().splitlines()[-1]))
+
+    async def body(port: int, target: int) -> None:
+        shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+        # One client first, so the login cache is warm as in bench.py (whose rate run follows
+        # the bulk runs): otherwise the first 64 logins all pay scrypt at once under the profile.
+        await trio.run_process([sys.executable, "-c", CLIENT, "rate", str(port), str(target),
+                                "0.3"], capture_stdout=True)
+        start_at = time.time() + 0.5  # the processes start together, as in bench.py
+        profile = cProfile.Profile()
+        cpu_before = time.process_time()
+        profile.enable()
+        with trio.fail_after(seconds + warmup + 60):
+            async with trio.open_nursery() as nursery:
+                for threads in shares:
+                    nursery.start_soon(loadgen, port, target, threads, start_at)
+        profile.disable()
+        cpu = time.process_time() - cpu_before
+        window = sum(r["completed"] for r in results)
+        total = sum(r["total_completed"] for r in results)
+        errors = sum(r["errors"] for r in results)
+        stats = pstats.Stats(profile)
+        passes = next(
+            (v[1] for k, v in stats.stats.items() if k[2] == "unrolled_run"), 0  # type: ignore[attr-defined]
+        )
+        first = next((r["first_error"] for r in results if r["first_error"]), None)
+        print(f"{clients} clients in {processes} load generator process(es): "
+              f"{window / seconds:.0f} connections/s under cProfile (it slows the server ~2x); "
+              f"{total} connections, {errors} errors{f' (first: {first})' if first else ''}; "
+              f"{passes / max(total, 1):.1f} scheduler passes and "
+              f"{cpu / max(total, 1) * 1e6:.0f} µs of this process's CPU per connection")
+        print("\nTop functions by cumulative time:")
+        stats.sort_stats("cumulative").print_stats(30)
+        print("Top functions by self time:")
+        stats.sort_stats("tottime").print_stats(30)
+
+    trio.run(_with_server, body, True)
 
 
 def idle(sessions: int) -> None:
@@ -169,10 +236,16 @@ def idle(sessions: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    sub.add_parser("connections").add_argument("--seconds", type=float, default=4.0)
+    conns = sub.add_parser("connections")
+    conns.add_argument("--seconds", type=float, default=4.0)
+    conns.add_argument("--clients", type=int, default=1,
+                       help="concurrent clients (1: one sequential client; e.g. 64: bench.py's "
+                            "rate run, loadgen.py processes of up to 32 threads)")
     sub.add_parser("idle").add_argument("--sessions", type=int, default=2000)
     args = parser.parse_args()
-    if args.what == "connections":
+    if args.what == "connections" and args.clients > 1:
+        many_connections(args.seconds, args.clients)
+    elif args.what == "connections":
         connections(args.seconds)
     else:
         idle(args.sessions)

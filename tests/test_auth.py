@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from trisocks import auth
+from trisocks.identity import store as auth
 from trisocks.passwords import hash_password, verify_password
 
 

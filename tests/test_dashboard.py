@@ -25,6 +25,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.conftest import PASSWORD, USER, Proxy, read_reply, socks_handshake
 from trisocks.config import Endpoint
+from trisocks.store.records import UsageDelta
 
 pytestmark = pytest.mark.browser
 
@@ -157,6 +158,8 @@ async def test_dashboard_live_sessions_kill_and_user_management(
     proxy: Proxy = await start_proxy(admin=Endpoint("127.0.0.1", 0), admin_token=TOKEN)
     assert proxy.ctx.admin_address is not None
     origin = "{}:{}".format(*proxy.ctx.admin_address[:2])
+    # A Kerberos identity with usage: listed with its source, managed only by ending sessions.
+    proxy.ctx.store.add_usage([("gssapi:dave", UsageDelta(1, 10, 20, last_seen=time.time()))])
 
     transfers: list[Transfer] = []
 
@@ -183,7 +186,14 @@ async def test_dashboard_live_sessions_kill_and_user_management(
             expect(row.locator("td.col-target")).to_have_text(f"{target[0]}:{target[1]}")
             expect(row.locator("td.col-state")).to_have_text("relaying")
             expect(row.locator("td.col-protocol")).to_have_text("socks5")
+            expect(row.locator("td.col-source")).to_have_text("store")
             wait_for_growth(lambda: bytes_down(row))
+            ours = page.locator(f'#users tbody tr[data-user="{USER}"]')
+            expect(ours.locator("td.col-source")).to_have_text("store")
+            expect(ours.get_by_role("button")).to_have_count(3)
+            dave = page.locator('#users tbody tr[data-user="gssapi:dave"]')
+            expect(dave.locator("td.col-source")).to_have_text("gssapi")
+            expect(dave.get_by_role("button")).to_have_text(["End sessions"])
 
             # Kill: confirm the dialog; the client's connection ends and the row leaves.
             page.once("dialog", lambda dialog: dialog.accept())

@@ -102,8 +102,8 @@ def test_migrations_are_versioned_and_refuse_a_newer_schema(tmp_path: Path, pg_u
         Directory(store.db)
         with store.db.transaction() as cur:
             assert dict(cur.execute("SELECT component, version FROM schema_migrations")) == {
-                "store": 3, "fleet": 2}
-        with pytest.raises(StoreError, match="fleet schema version 2, this trisocks knows up"):
+                "store": 3, "fleet": 3}
+        with pytest.raises(StoreError, match="fleet schema version 3, this trisocks knows up"):
             migrate(store.db, "fleet", ())
     finally:
         store.close()
@@ -161,6 +161,27 @@ def _row(instance: str, session_id: str) -> SessionView:
                                 instance=instance)
     session.counters.bytes_up, session.counters.bytes_down = 1, 2
     return session.view()
+
+
+def test_directory_carries_the_identity_source(tmp_path: Path) -> None:
+    Store(tmp_path / "s.db").close()
+    db = SqliteDatabase(tmp_path / "s.db")
+    try:
+        directory = Directory(db)
+        a = Instance("host/1", "trisocks/host/1")
+        external = session_from_text("s1", "[2001:db8::1]:4000", user="ldap:alice",
+                                     source="ldap", groups=frozenset({"staff"}),
+                                     command="CONNECT", target="example:443",
+                                     state="relaying", started_at=1.0, instance=a.id).view()
+        anonymous = session_from_text("s2", "192.0.2.1:4001", started_at=2.0,
+                                      instance=a.id).view()
+        directory.publish(a, 0.0, [external, anonymous], now=100.0)
+        remote = {v.id: v for v in directory.sessions(101.0, besides="host/2")}
+        assert remote == {"s1": external, "s2": anonymous}
+        assert (remote["s1"].user, remote["s1"].source, remote["s2"].source) == (
+            "ldap:alice", "ldap", None)
+    finally:
+        db.close()
 
 
 def test_directory_trusts_fresh_heartbeats_only(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import attrs
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import krb
 from tests.admin_support import ADMIN, TOKEN, admin_url
@@ -47,6 +48,7 @@ from trisocks.gss.stream import GssStream
 from trisocks.protocol import Address, encode_udp_header, parse_udp_header
 from trisocks.protocol.gssapi import MessageType, parse_datagram, parse_frame
 from trisocks.server.gssapi import user_of
+from trisocks.server.reload import reload_config
 
 # --- the realm --------------------------------------------------------------------------------
 
@@ -189,7 +191,7 @@ async def test_connect_moves_data_both_ways_in_wrapped_frames(
             echoed = await exchange(stream, PAYLOAD)
         assert hashlib.sha256(echoed).digest() == hashlib.sha256(PAYLOAD).digest()
         await eventually(lambda: not len(proxy.ctx.registry), limit=10)
-    assert session.user == krb.USER
+    assert session.user == f"gssapi:{krb.USER}"  # the account of a Kerberos identity
     # Exact payload accounting: the wrapping is not counted.
     assert (session.counters.bytes_up, session.counters.bytes_down) == (len(PAYLOAD),) * 2
     up, down = frames(tap.up[3:]), frames(tap.down[2:])  # past greeting / method selection
@@ -367,7 +369,61 @@ async def test_admin_api_shows_the_principal_as_user(
             await stream.send_all(connect_request(*echo_server))
             assert (await read_reply(stream))[0] == 0
             sessions = (await api.get("/api/sessions")).json()["sessions"]
-            assert [s["user"] for s in sessions] == [krb.USER]
+            assert [s["user"] for s in sessions] == [f"gssapi:{krb.USER}"]
+
+
+async def test_a_live_session_survives_a_reload(
+    gss_proxy: Callable[..., Any], echo_server: tuple[str, int]
+) -> None:
+    """Regression (issue 14): a reload (what SIGHUP runs) ended every Kerberos session with
+    "reload: user removed", the principal being no row of the store."""
+    with trio.fail_after(20):
+        proxy = await gss_proxy()
+        proxy.ctx.load_config = lambda: proxy.ctx.config
+        async with await open_gss(proxy) as stream:
+            await stream.send_all(connect_request(*echo_server))
+            assert (await read_reply(stream))[0] == 0
+            await stream.send_all(b"before")
+            assert await receive_exactly(stream, 6) == b"before"
+            assert reload_config(proxy.ctx)["ended"] == 0
+            await trio.sleep(1.5)  # the credential watcher (every second) leaves it alone too
+            [session] = proxy.ctx.registry.select()
+            assert (session.user, session.close_reason) == (f"gssapi:{krb.USER}", None)
+            assert await exchange(stream, b"after the reload") == b"after the reload"
+    assert not str(session.close_reason).startswith("reload")  # it ended as the client did
+
+
+async def test_bytes_show_in_the_users_api_and_metrics(
+    gss_proxy: Callable[..., Any], echo_server: tuple[str, int]
+) -> None:
+    """Regression (issue 14): a Kerberos identity's accounting was invisible in
+    ``GET /api/users``; it is listed with source ``gssapi``, exact bytes, and can have limits."""
+    account = f"gssapi:{krb.USER}"
+    payload = os.urandom(70_000)
+    with trio.fail_after(20):
+        proxy = await gss_proxy(admin=ADMIN, admin_token=TOKEN)
+        async with await open_gss(proxy) as stream:
+            await stream.send_all(connect_request(*echo_server))
+            assert (await read_reply(stream))[0] == 0
+            assert await exchange(stream, payload) == payload
+        await eventually(lambda: not len(proxy.ctx.registry), limit=10)
+        async with httpx.AsyncClient(base_url=admin_url(proxy),
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+            users = (await api.get("/api/users")).json()["users"]
+            one = (await api.get(f"/api/users/gssapi%3A{krb.USER}")).json()
+            limits = await api.put(f"/api/users/{account}/limits", json={"max_sessions": 3})
+            metrics = (await api.get("/metrics")).text
+    [row] = [u for u in users if u["user"] == account]
+    assert (row["source"], row["bytes_up"], row["bytes_down"], row["sessions_total"]) == (
+        "gssapi", len(payload), len(payload), 1)
+    assert (one["user"], one["source"], one["bytes_down"]) == (account, "gssapi", len(payload))
+    assert limits.status_code == 200 and limits.json()["limits"]["max_sessions"] == 3
+    assert proxy.ctx.store.user_limits(account).max_sessions == 3
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics) for s in family.samples}
+    for way in ("up", "down"):
+        key = ("trisocks_user_bytes_total", (("direction", way), ("user", account)))
+        assert samples[key] == len(payload)
 
 
 # --- the client library -------------------------------------------------------------------------

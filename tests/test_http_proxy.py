@@ -452,7 +452,7 @@ async def test_https_proxy_connect_forward_and_certificate_user(
         assert status == 200
         await stream.aclose()
     await eventually(lambda: len(logged(caplog)) == 3)
-    assert logged(caplog)[-1]["user"] == "carol"
+    assert logged(caplog)[-1]["user"] == "tls:carol"  # a CN: an identity of source tls
 
 
 async def test_pipelined_requests_answered_in_order(hproxy: Proxy, origin: Origin) -> None:

@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sessions", "policy"),
     ("config", "gss"),
     ("store", "client"),
-    ("accounting", "auth", "tls"),
+    ("accounting", "identity", "tls"),
     ("fleet",),
     ("server",),
     ("admin",),

@@ -77,6 +77,42 @@ def test_groups_expand_in_users() -> None:
     assert decide(rules, q(user="alice"), groups=groups).rule_id == "default"
 
 
+def test_groups_from_the_source_match_group_entries() -> None:
+    rules = [{"id": "staff", "action": "deny", "users": ["@staff"]},
+             {"id": "named", "action": "deny", "users": ["ldap:carol"]}]
+    groups = {"staff": ["bob"]}
+    ldap_staff = q(user="ldap:alice", groups=frozenset({"staff", "dev"}))
+    assert decide(rules, ldap_staff, groups=groups).rule_id == "staff"
+    assert decide(rules, q(user="ldap:alice", groups=frozenset({"dev"})),
+                  groups=groups).rule_id == "default"
+    # the config group still counts, and a source group need not be in the config at all
+    assert decide(rules, q(user="bob"), groups=groups).rule_id == "staff"
+    assert decide(rules, ldap_staff).rule_id == "staff"
+    # a qualified name is its own user: "carol" from the store is not "ldap:carol"
+    assert decide(rules, q(user="ldap:carol"), groups=groups).rule_id == "named"
+    assert decide(rules, q(user="carol"), groups=groups).rule_id == "default"
+    # an anonymous session has no user, whatever groups a query claims
+    assert decide(rules, q(user=None, groups=frozenset({"staff"}))).rule_id == "default"
+
+
+@pytest.mark.parametrize(("backends", "error"), [
+    ("store", "rules: group @ops is not defined in groups"),
+    ("store,ldap", None),
+    ("http", None),
+])
+def test_undefined_groups_are_allowed_only_with_an_external_backend(
+        backends: str, error: str | None) -> None:
+    settings = {"rules": [{"id": "ops", "action": "allow", "users": ["@ops"]}],
+                "password_backends": backends.split(","),
+                "ldap_url": "ldap://127.0.0.1:1", "ldap_user_dn": "uid={user},dc=test",
+                "auth_hook_url": "http://127.0.0.1:1/auth"}
+    if error is None:
+        build_config(settings, {})
+        return
+    with pytest.raises(ConfigError, match=error):
+        build_config(settings, {})
+
+
 def test_a_name_waits_for_addresses_when_a_cidr_rule_comes_first() -> None:
     rules = RuleSet(parse_rules(DEFAULT_RULES), default_allow=True, admin=("127.0.0.1", 8080))
     name = q(host="metadata.example", ip=None)

@@ -186,14 +186,14 @@ async def test_client_certificate_names_the_user_without_a_password(
         rep, _, _ = await read_reply(stream)
         assert rep == 0
         (live,) = proxy.ctx.registry
-        assert live.user == "carol" and live.tls
+        assert live.user == "tls:carol" and live.tls
         payload = os.urandom(256 * 1024)
         await stream.send_all(payload)
         assert await receive_exactly(stream, len(payload)) == payload
         await stream.aclose()
         await eventually(lambda: access_records(caplog))
     (record,) = access_records(caplog)
-    assert record["user"] == "carol" and record["bytes_up"] == len(payload)
+    assert record["user"] == "tls:carol" and record["bytes_up"] == len(payload)
 
 
 @pytest.mark.parametrize("presented", ["none", "untrusted"])
@@ -417,7 +417,7 @@ async def test_curl_https_proxy_with_a_client_certificate_needs_no_password(
         assert result.returncode == 0, result.stderr.decode(errors="replace")
         assert hashlib.sha256(result.stdout).digest() == hashlib.sha256(BLOB).digest()
         await eventually(lambda: access_records(caplog))
-    assert [r["user"] for r in access_records(caplog)] == ["carol"]
+    assert [r["user"] for r in access_records(caplog)] == ["tls:carol"]
 
 
 async def test_bind_inside_tls_listens_on_the_control_connections_address(

@@ -34,9 +34,9 @@ from tests.conftest import make_config
 from tests.fleet_support import pg_url, postgres
 from trisocks.admin.server import serve_with_admin
 from trisocks.admin.tokens import token_path
-from trisocks.auth import Authenticator
 from trisocks.cli.main import main
 from trisocks.client.connect import open_socks_stream
+from trisocks.identity.store import Authenticator
 from trisocks.passwords import hash_password
 from trisocks.store.cache import CachedStore
 from trisocks.store.open import open_store

@@ -1,8 +1,9 @@
 """Password hashing (scrypt, from the standard library) and constant-time checks.
 
 Stored form: ``scrypt$<log2 n>$<r>$<p>$<salt b64>$<hash b64>``. Verifying costs tens of
-milliseconds on purpose; :class:`trisocks.auth.Authenticator` runs it in a worker thread and keeps
-a keyed digest of each password it has verified, so a returning client costs microseconds.
+milliseconds on purpose; :class:`trisocks.identity.store.Authenticator` runs it in a worker
+thread and keeps a keyed digest of each password it has verified, so a returning client costs
+microseconds.
 """
 
 from __future__ import annotations

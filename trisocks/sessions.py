@@ -57,6 +57,14 @@ class Session:
     started_at: float = attrs.field(factory=time.time)
     """Wall-clock start (seconds since the epoch)."""
     user: str | None = None
+    """The account name (:func:`trisocks.identity.model.account_name`): the bare name for the
+    store, ``source:name`` for any other source; ``None`` when anonymous."""
+    source: str | None = None
+    """Which source vouched for :attr:`user` (``store``, ``pam``, ``ldap``, ``http``,
+    ``gssapi``, ``tls``); ``None`` when anonymous."""
+    groups: frozenset[str] = frozenset()
+    """Groups the source gave the identity, matched by rules' ``@group`` together with the
+    config's ``groups`` table."""
     command: Command | None = None
     """Set once the request is read."""
     target: Address | None = None
@@ -99,7 +107,7 @@ class Session:
             self.id, self.user, self.client, self.command, self.target, self.resolved,
             self.protocol, self.tls, self.state, self.started_at, c.bytes_up, c.bytes_down,
             c.datagrams_up, c.datagrams_down, self.instance, self.reply, self.rule, self.userid,
-            self.close_reason,
+            self.close_reason, self.source,
         )
 
 
@@ -129,6 +137,8 @@ class SessionView:
     rule: str | None = None
     userid: str | None = None
     close_reason: str | None = None
+    source: str | None = None
+    """Which source vouched for ``user`` (:attr:`Session.source`)."""
 
     @property
     def command_name(self) -> str | None:

@@ -3,7 +3,8 @@
 A custom collector reads ``ctx.stats``, the session registry and the accountant when scraped,
 so the proxy's hot path updates plain integers and never a metrics library. Per-user series
 keep label cardinality bounded: the ``top_users`` users by bytes get their own series, every
-other user is folded into ``user="(other)"``.
+other user is folded into ``user="(other)"``. Users are accounts of every source (``alice``
+from the store, ``ldap:alice``, ``gssapi:bob``: :mod:`trisocks.identity.model`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
     from trisocks.server.context import ServerContext
     from trisocks.store.records import UserUsage
 
-__all__ = ["OTHER_USERS", "ProxyCollector", "fold_users", "metrics_registry", "relayed_bytes"]
+__all__ = ["OTHER_USERS", "ProxyCollector", "fold_users", "login_counts", "metrics_registry",
+           "relayed_bytes"]
 
 OTHER_USERS = "(other)"
 USER_FIELDS = ("sessions_total", "bytes_up", "bytes_down", "datagrams_up", "datagrams_down")
@@ -40,6 +42,22 @@ def relayed_bytes(ctx: ServerContext) -> tuple[int, int]:
     live = list(ctx.registry)
     return (ctx.stats.bytes_up + sum(s.counters.bytes_up for s in live),
             ctx.stats.bytes_down + sum(s.counters.bytes_down for s in live))
+
+
+def login_counts(ctx: ServerContext) -> dict[tuple[str, str], int]:
+    """``(backend, result) -> logins`` from the chain's counters (``ctx.logins.counts``), every
+    configured backend with all three results (zero included, so a rate query sees it)."""
+    logins = getattr(ctx, "logins", None)
+    counts = getattr(logins, "counts", None)
+    if logins is None or counts is None:
+        return {}
+    backends = [getattr(b, "source", "?") for b in getattr(logins, "backends", ())]
+    samples: dict[tuple[str, str], int] = {}
+    for result, counter in (("accepted", counts.accepted), ("refused", counts.refused),
+                            ("error", counts.errors)):
+        for backend in {*backends, *counter}:
+            samples[(backend, result)] = counter[backend]
+    return samples
 
 
 def fold_users(rows: list[dict[str, Any]], top: int) -> list[dict[str, Any]]:
@@ -106,6 +124,9 @@ class ProxyCollector:
                        {f"{rep:02x}": n for rep, n in stats.replies.items()})
         yield GaugeMetricFamily("trisocks_uptime_seconds", "Seconds since the server started.",
                                 value=trio.current_time() - stats.started_at)
+        yield _counter("trisocks_logins", "Password logins per backend (password_backends), by "
+                       "result: accepted, refused, error (the backend could not answer).",
+                       ["backend", "result"], login_counts(ctx))
         yield from self._per_user()
 
     def _per_user(self) -> Iterator[Metric]:

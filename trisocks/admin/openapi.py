@@ -59,14 +59,20 @@ _FILTERS = [
      "schema": {"type": "integer", "minimum": 1, "maximum": 65535}},
 ]
 _SESSION_ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_USER_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_USER_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+              "description": "An account: a store user (alice) or source:name for another "
+                             "source (ldap:alice, gssapi:bob; the colon may be sent as %3A)."}
+_SOURCES = ["store", "pam", "ldap", "http", "gssapi", "tls", None]
 _NO_CONTENT = {"204": {"description": "Done"}}
 _KILLED = {"200": _json("How many sessions were told to end", _ref("Killed"))}
 _PASSWORD = {"type": "string", "minLength": 1, "maxLength": 255,
              "description": "1..255 bytes in UTF-8 (RFC 1929)."}
 _PUBLIC: list[dict[str, list[str]]] = []
 _USER_FIELDS = {
-    "user": {"type": "string", "description": "(anonymous) for sessions without auth"},
+    "user": {"type": "string", "description": "the account: a store user's name, source:name "
+             "for another source (ldap:alice); (anonymous) for sessions without auth"},
+    "source": {"enum": _SOURCES, "description": "what vouched for the identity; null for "
+               "(anonymous)"},
     "active_sessions": _COUNT,
     "sessions_total": _COUNT,
     "bytes_up": _COUNT,
@@ -85,7 +91,9 @@ _SCHEMAS: dict[str, Any] = {
     "Killed": _object({"killed": _COUNT}),
     "Session": _object({
         "id": {"type": "string"},
-        "user": _NULLABLE_STRING,
+        "user": {**_NULLABLE_STRING, "description": "the account (store name, or source:name)"},
+        "source": {"enum": _SOURCES, "description": "what vouched for the user; null when "
+                   "anonymous"},
         "client": {"type": "string", "description": "host:port; IPv6 as [::1]:port"},
         "command": {"enum": ["CONNECT", "BIND", "UDP", "RESOLVE", "RESOLVE_PTR", None],
                     "description": "null until the request is read"},

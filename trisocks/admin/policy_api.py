@@ -2,6 +2,8 @@
 
 Limits live in the store, as with ``trisocks user limits``; the server reads them at each
 request and every half second for quotas and rates, so a change applies without a reload.
+Any identity may have limits: a store user, or an external account such as ``ldap:alice``
+(kept by name; it needs no row in ``users``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from trisocks.admin.bodies import json_body
 from trisocks.config import ConfigError
 from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, check_limit
 from trisocks.server.reload import reload_config
-from trisocks.store.records import StoreError
+from trisocks.store.records import StoreError, is_external
 
 if TYPE_CHECKING:
     from trisocks.server.context import ServerContext
@@ -55,16 +57,19 @@ def policy_blueprint(ctx: ServerContext) -> Blueprint:
         except ConfigError as exc:  # logged by reload_config; the running config stays
             raise BadRequest(f"config rejected, nothing changed: {exc}") from None
 
+    def require_account(name: str) -> None:
+        """A store user must exist; an external account (``ldap:alice``) needs no row."""
+        if not is_external(name) and not ctx.store.has_user(name):
+            raise NotFound(f"no user {name!r}")
+
     @bp.get("/api/users/<name>/limits")
     async def get_limits(name: str) -> dict[str, Any]:
-        if not ctx.store.has_user(name):
-            raise NotFound(f"no user {name!r}")
+        require_account(name)
         return policy_json(ctx, name)
 
     @bp.put("/api/users/<name>/limits")
     async def set_limits(name: str) -> dict[str, Any]:
-        if not ctx.store.has_user(name):
-            raise NotFound(f"no user {name!r}")
+        require_account(name)
         limits = _limits(await json_body(LIMIT_FIELDS), ctx.store.user_limits(name))
         try:
             ctx.store.set_user_limits(name, limits)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from trisocks.identity.model import parse_account
 from trisocks.sessions import SessionView
+from trisocks.store.records import ANONYMOUS
 
-__all__ = ["iso_time", "session_json", "usage_json"]
+__all__ = ["iso_time", "session_json", "source_of", "usage_json"]
 
 
 def iso_time(timestamp: float | None) -> str | None:
@@ -35,6 +37,13 @@ def session_json(view: SessionView) -> dict[str, Any]:
     return fields
 
 
+def source_of(account: str) -> str | None:
+    """The source an account name says vouched for it (``store``, ``ldap``, ...;
+    :func:`~trisocks.identity.model.parse_account`); ``None`` for anonymous sessions."""
+    return None if account == ANONYMOUS else parse_account(account)[0]
+
+
 def usage_json(row: dict[str, Any]) -> dict[str, Any]:
-    """One row of :meth:`trisocks.accounting.Accountant.live_usage`, with ``last_seen`` as ISO."""
-    return {**row, "last_seen": iso_time(row["last_seen"])}
+    """One row of :meth:`trisocks.accounting.Accountant.live_usage`, with ``last_seen`` as ISO
+    and the account's ``source``."""
+    return {**row, "source": source_of(row["user"]), "last_seen": iso_time(row["last_seen"])}

@@ -3,6 +3,11 @@ user management on the same store as ``trisocks user ...``.
 
 Removing a user or changing its password revokes at once: its live sessions end and the
 authenticator forgets its cached credentials (:func:`trisocks.server.revocation.revoke`).
+
+Every identity is listed, whatever vouched for it: the store's users (with or without usage)
+and every account of another source (``ldap:alice``, ``gssapi:bob``: :mod:`trisocks.identity`)
+that has persisted usage or a live session. Each row names its ``source``. Such an account
+has no password here; its sessions can be ended and its limits set like a store user's.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from trisocks.admin.policy_api import policy_json
 from trisocks.admin.shapes import usage_json
 from trisocks.passwords import hash_password
 from trisocks.server.revocation import kill_user_sessions, revoke
-from trisocks.store.records import ANONYMOUS, StoreError
+from trisocks.store.records import ANONYMOUS, StoreError, is_external
 from trisocks.usernames import normalize_username
 
 if TYPE_CHECKING:
@@ -44,7 +49,8 @@ def users_blueprint(ctx: ServerContext) -> Blueprint:
 
     def usage(name: str) -> list[dict[str, Any]]:
         # Usage of a removed user can linger until a flush lands; only existing accounts count.
-        accounts = {name} if name == ANONYMOUS or ctx.store.has_user(name) else set()
+        listed = name == ANONYMOUS or is_external(name) or ctx.store.has_user(name)
+        accounts = {name} if listed else set()
         return [usage_json(r) for r in ctx.accountant.live_usage(name) if r["user"] in accounts]
 
     def require_user(name: str) -> None:
@@ -56,7 +62,8 @@ def users_blueprint(ctx: ServerContext) -> Blueprint:
         persisted, names = await ctx.accountant.read_all()  # every user: off the loop
         accounts = {*names, ANONYMOUS}
         rows = ctx.accountant.live_usage(persisted=persisted)
-        return {"users": [usage_json(r) for r in rows if r["user"] in accounts]}
+        return {"users": [usage_json(r) for r in rows
+                          if r["user"] in accounts or is_external(str(r["user"]))]}
 
     @bp.get("/api/users/<name>")
     async def get_user(name: str) -> dict[str, Any]:
@@ -105,7 +112,8 @@ def users_blueprint(ctx: ServerContext) -> Blueprint:
 
     @bp.delete("/api/users/<name>/sessions")
     async def kill_sessions(name: str) -> dict[str, Any]:
-        require_user(name)
+        if not is_external(name):  # any external account, live sessions or not
+            require_user(name)
         return {"killed": kill_user_sessions(ctx.registry, name)}
 
     return bp

@@ -95,6 +95,32 @@ SERVE_HELP: dict[str, tuple[str, str]] = {
     "tls_key": ("FILE", "PEM private key of tls:// listeners; re-read on reload"),
     "tls_client_ca": ("FILE", "PEM CA bundle: TLS clients must present a certificate it "
                       "verifies, and its subject CN is the user, no password (default off)"),
+    "password_backends": ("LIST", "comma list of where password logins are checked, first "
+                          "answer wins: store, pam, ldap, http (default store)"),
+    "pam_service": ("NAME", "PAM service of the pam backend (default trisocks)"),
+    "ldap_url": ("URL", "ldap://HOST[:PORT] or ldaps://... of the ldap backend"),
+    "ldap_starttls": ("", "upgrade ldap:// with StartTLS before binding"),
+    "ldap_ca_file": ("FILE", "PEM CA bundle verifying the directory's certificate"),
+    "ldap_user_dn": ("TEMPLATE", "direct bind: the user's DN, {user} for the name, e.g. "
+                     "uid={user},ou=people,dc=example,dc=org"),
+    "ldap_search_base": ("DN", "search-then-bind: where users are searched"),
+    "ldap_search_filter": ("FILTER", "search-then-bind: {user} for the name "
+                           "(default (uid={user}))"),
+    "ldap_bind_dn": ("DN", "search-then-bind: the DN the search binds as (default anonymous)"),
+    "ldap_bind_password_file": ("FILE", "file holding ldap_bind_dn's password, one line"),
+    "ldap_group_attribute": ("ATTR", "the user's group attribute; a group DN's first RDN "
+                             "value is @group in rules (default memberOf)"),
+    "ldap_timeout": ("SECONDS", "a directory operation longer than this fails closed "
+                     "(default 5)"),
+    "ldap_pool_size": ("N", "directory connections at once (default 4)"),
+    "auth_hook_url": ("URL", "http backend: logins are POSTed here as JSON"),
+    "auth_hook_timeout": ("SECONDS", "the hook must answer within this, else fail closed "
+                          "(default 5)"),
+    "auth_hook_token_file": ("FILE", "bearer token sent to the hook, one line"),
+    "auth_cache_ttl": ("SECONDS", "successful external logins answered from memory this long "
+                       "(default 60)"),
+    "auth_revalidate_interval": ("SECONDS", "fresh check of external identities with live "
+                                 "sessions this often (default 300)"),
 }
 assert SERVE_HELP.keys() == KEYS.keys(), "every config key needs a flag"
 
@@ -116,10 +142,10 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 _INTEGER = {"max_sessions", "max_sessions_per_user", "max_handshakes", "auth_failure_limit",
             "workers", "max_handshakes_per_client", "max_binds_per_user", "max_udp_per_user",
-            "udp_sockets"}
+            "udp_sockets", "ldap_pool_size"}
 _NUMERIC = _INTEGER | {
     key for key in KEYS
-    if key.endswith(("_timeout", "_grace", "_interval", "_rate", "_max", "_duration"))
+    if key.endswith(("_timeout", "_grace", "_interval", "_rate", "_max", "_duration", "_ttl"))
 }
 
 

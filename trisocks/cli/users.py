@@ -11,6 +11,7 @@ from typing import Any
 
 from trisocks.cli.common import Parser, fail, open_user_store
 from trisocks.config import default_db_path, is_db_url
+from trisocks.identity.model import parse_account
 from trisocks.passwords import hash_password
 from trisocks.policy.quotas import LIMIT_FIELDS, UserLimits, check_limit, parse_size
 from trisocks.store.interface import UserStore
@@ -95,8 +96,9 @@ def _user_limits(store: UserStore, args: argparse.Namespace) -> None:
     """Change the limits given as flags (``off`` clears one), then print all of them.
 
     A running server applies them within a second (quota and rate) or from the user's next
-    request (sessions, duration)."""
-    if not store.has_user(args.name):
+    request (sessions, duration). *args.name* is a store user or the account of an identity
+    from another source (``ldap:alice``, ``gssapi:bob``: it needs no row in the store)."""
+    if parse_account(args.name)[0] == "store" and not store.has_user(args.name):
         raise StoreError(f"no user {args.name!r}")
     limits = store.user_limits(args.name)
     changes = {f: _limit_value(f, getattr(args, f)) for f in LIMIT_FIELDS

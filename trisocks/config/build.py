@@ -124,9 +124,12 @@ def _check(config: Config) -> None:
     if config.gss_keytab is not None and not config.gss_keytab.is_file():
         raise ConfigError(f"gss_keytab: file {config.gss_keytab} does not exist")
     missing = groups_used(config.rules) - {name for name, _ in config.groups}
-    if missing:
+    # An external backend (pam, ldap, http) may give groups no config table lists.
+    if missing and set(config.password_backends) <= {"store"}:
         raise ConfigError(f"rules: group @{sorted(missing)[0]} is not defined in groups")
     _check_tls(config)
+    _check_identity(config)
+    _check_routes(config)
     if config.workers > 1 and any(e.port == 0 for e in (*config.listen, config.admin) if e):
         raise ConfigError("workers: port 0 would give every worker its own port; "
                           "give the listen and admin ports")
@@ -149,3 +152,47 @@ def _check_tls(config: Config) -> None:
         raise ConfigError("tls_client_ca: client certificates need tls_cert and tls_key")
     # The files themselves are loaded (and so checked) by trisocks.tls.server_context: by the
     # CLI before serving, by `trisocks check`, and on every reload.
+
+
+def _check_identity(config: Config) -> None:
+    backends = config.password_backends
+    if "ldap" in backends:
+        url = config.ldap_url
+        if url is None:
+            raise ConfigError("password_backends: ldap needs ldap_url")
+        if not url.lower().startswith(("ldap://", "ldaps://")):
+            raise ConfigError(f"ldap_url: expected ldap://HOST[:PORT] or ldaps://..., got {url!r}")
+        if (config.ldap_user_dn is None) == (config.ldap_search_base is None):
+            raise ConfigError("ldap_user_dn: give either ldap_user_dn (direct bind) or "
+                              "ldap_search_base (search, then bind), not both or neither")
+        if config.ldap_user_dn is not None and "{user}" not in config.ldap_user_dn:
+            raise ConfigError("ldap_user_dn: the template must contain {user}")
+        if config.ldap_search_base is not None and "{user}" not in config.ldap_search_filter:
+            raise ConfigError("ldap_search_filter: the filter must contain {user}")
+        if (config.ldap_bind_dn is None) != (config.ldap_bind_password_file is None):
+            raise ConfigError("ldap_bind_dn: give ldap_bind_dn and ldap_bind_password_file "
+                              "together")
+        if config.ldap_starttls and url.lower().startswith("ldaps://"):
+            raise ConfigError("ldap_starttls: ldaps:// is TLS already")
+        for key in ("ldap_ca_file", "ldap_bind_password_file"):
+            path = getattr(config, key)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{key}: file {path} does not exist")
+    if "http" in backends:
+        url = config.auth_hook_url
+        if url is None:
+            raise ConfigError("password_backends: http needs auth_hook_url")
+        if not url.lower().startswith(("http://", "https://")):
+            raise ConfigError(f"auth_hook_url: expected http:// or https://..., got {url!r}")
+        path = config.auth_hook_token_file
+        if path is not None and not path.is_file():
+            raise ConfigError(f"auth_hook_token_file: file {path} does not exist")
+    if "pam" in backends and importlib.util.find_spec("pam") is None:
+        raise ConfigError("password_backends: pam needs the python-pam package "
+                          "(pip install python-pam)")
+
+
+def _check_routes(config: Config) -> None:
+    routed = [rule.id for rule in config.rules if rule.route is not None]
+    if routed:  # parsed (trisocks.policy.routes), not applied yet: refuse rather than ignore
+        raise ConfigError(f"rules: rule {routed[0]!r}: egress and via are not supported yet")

@@ -85,6 +85,24 @@ def _auth(key: str, value: Any) -> tuple[str, ...]:
 PROTOCOLS = ("socks5", "socks4", "http")
 
 
+PASSWORD_BACKENDS = ("store", "pam", "ldap", "http")
+
+
+def _password_backends(key: str, value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError(f"{key}: expected a list of backends")
+    backends = tuple(str(item).strip() for item in items)
+    for backend in backends:
+        if backend not in PASSWORD_BACKENDS:
+            raise ConfigError(
+                f"{key}: unknown backend {backend!r} (known: {', '.join(PASSWORD_BACKENDS)})"
+            )
+    if len(set(backends)) != len(backends):
+        raise ConfigError(f"{key}: a backend is listed twice")
+    return backends
+
+
 def _protocols(key: str, value: Any) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not items:
@@ -256,5 +274,23 @@ KEYS: Mapping[str, Any] = {
     "tls_cert": _path,
     "tls_key": _path,
     "tls_client_ca": _path,
+    "password_backends": _password_backends,
+    "pam_service": _text,
+    "ldap_url": _text,
+    "ldap_starttls": _bool,
+    "ldap_ca_file": _path,
+    "ldap_user_dn": _text,
+    "ldap_search_base": _text,
+    "ldap_search_filter": _text,
+    "ldap_bind_dn": _text,
+    "ldap_bind_password_file": _path,
+    "ldap_group_attribute": _text,
+    "ldap_timeout": _positive,
+    "ldap_pool_size": _count,
+    "auth_hook_url": _text,
+    "auth_hook_timeout": _positive,
+    "auth_hook_token_file": _path,
+    "auth_cache_ttl": _positive,
+    "auth_revalidate_interval": _positive,
 }
 """Every config key with its converter: ``converter(key, raw_value) -> value``."""

@@ -130,3 +130,39 @@ class Config:
     tls_client_ca: Path | None = None
     """PEM CA bundle: when set, TLS clients must present a certificate it verifies; the
     certificate's subject CN is the session's user, with no password."""
+    password_backends: tuple[str, ...] = ("store",)
+    """Where RFC 1929 and HTTP Basic logins are checked, in order (:mod:`trisocks.identity`)."""
+    pam_service: str = "trisocks"
+    """The PAM service (``/etc/pam.d/<service>``) of the ``pam`` backend."""
+    ldap_url: str | None = None
+    """``ldap://host:port`` or ``ldaps://host:port`` of the ``ldap`` backend."""
+    ldap_starttls: bool = False
+    """Upgrade an ``ldap://`` connection with StartTLS before binding."""
+    ldap_ca_file: Path | None = None
+    """PEM CA bundle that verifies the directory's certificate (ldaps, StartTLS)."""
+    ldap_user_dn: str | None = None
+    """Direct bind: the user's DN, ``{user}`` standing for the name (escaped, RFC 4514)."""
+    ldap_search_base: str | None = None
+    """Search-then-bind: where the user is searched (with ``ldap_search_filter``)."""
+    ldap_search_filter: str = "(uid={user})"
+    """Search-then-bind: ``{user}`` stands for the name (escaped, RFC 4515)."""
+    ldap_bind_dn: str | None = None
+    """Search-then-bind: the DN the search binds as (anonymous when unset)."""
+    ldap_bind_password_file: Path | None = None
+    """The file holding ``ldap_bind_dn``'s password, one line."""
+    ldap_group_attribute: str = "memberOf"
+    """The user entry's attribute naming its groups (DNs: the first RDN's value is the group)."""
+    ldap_timeout: float = 5.0
+    """Seconds a directory operation may take; beyond it, a backend error (fail closed)."""
+    ldap_pool_size: int = 4
+    """Directory connections (and threads) at once."""
+    auth_hook_url: str | None = None
+    """The ``http`` backend: logins are POSTed here as JSON."""
+    auth_hook_timeout: float = 5.0
+    """Seconds the hook may take to answer; beyond it, a backend error (fail closed)."""
+    auth_hook_token_file: Path | None = None
+    """A bearer token sent to the hook (``Authorization: Bearer``), one line."""
+    auth_cache_ttl: float = 60.0
+    """Seconds a successful external login is answered from memory (a keyed digest)."""
+    auth_revalidate_interval: float = 300.0
+    """Seconds between fresh checks of external identities with live sessions."""

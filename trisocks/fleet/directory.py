@@ -55,10 +55,14 @@ MIGRATIONS = (
     ALTER TABLE fleet_sessions ADD COLUMN protocol TEXT NOT NULL DEFAULT 'socks5';
     ALTER TABLE fleet_sessions ADD COLUMN tls INTEGER NOT NULL DEFAULT 0
     """,
+    # 3: which identity source vouched for the user (issue 14)
+    """
+    ALTER TABLE fleet_sessions ADD COLUMN source TEXT
+    """,
 )
 
 _COLUMNS = ("instance, id, client, username, command, target, resolved, state, started_at, "
-            "bytes_up, bytes_down, datagrams_up, datagrams_down, protocol, tls")
+            "bytes_up, bytes_down, datagrams_up, datagrams_down, protocol, tls, source")
 
 
 _SESSION_COLUMNS = ", ".join(f"s.{c.strip()}" for c in _COLUMNS.split(","))
@@ -79,19 +83,20 @@ def row_of(instance: str, view: SessionView) -> tuple[Any, ...]:
     text = view.text()
     return (instance, view.id, text["client"], view.user, text["command"], text["target"],
             text["resolved"], view.state, view.started_at, view.bytes_up, view.bytes_down,
-            view.datagrams_up, view.datagrams_down, view.protocol, int(view.tls))
+            view.datagrams_up, view.datagrams_down, view.protocol, int(view.tls), view.source)
 
 
 def view_of(row: Sequence[Any]) -> SessionView:
     """A row of ``fleet_sessions`` back as a view: the admin API's filters and JSON shape work
     on another instance's sessions as on this one's."""
     (instance, session_id, client, user, command, target, resolved, state, started_at,
-     bytes_up, bytes_down, datagrams_up, datagrams_down, protocol, tls) = row
+     bytes_up, bytes_down, datagrams_up, datagrams_down, protocol, tls, source) = row
     return SessionView(
         session_id, user, parse_hostport(client), COMMANDS_BY_NAME.get(command),
         None if target is None else parse_hostport(target),
         None if resolved is None else parse_hostport(resolved), protocol, bool(tls), state,
         started_at, bytes_up, bytes_down, datagrams_up, datagrams_down, instance,
+        source=source,
     )
 
 
@@ -118,7 +123,7 @@ class Directory:
             cur.execute_many("DELETE FROM fleet_instances WHERE instance = ?",
                              [(gone,) for gone in stale])
             cur.execute_many(
-                f"INSERT INTO fleet_sessions ({_COLUMNS}) VALUES ({', '.join('?' * 15)})",
+                f"INSERT INTO fleet_sessions ({_COLUMNS}) VALUES ({', '.join('?' * 16)})",
                 [row_of(instance.id, view) for view in sessions],
             )
 

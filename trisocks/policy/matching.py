@@ -11,7 +11,9 @@ import ipaddress
 
 import attrs
 
-__all__ = ["IP", "Decision", "HostPattern", "NetPattern", "Network", "Query", "Rule"]
+from trisocks.policy.routes import Route
+
+__all__ = ["IP", "Decision", "HostPattern", "NetPattern", "Network", "Query", "Rule", "Users"]
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -31,6 +33,25 @@ class Query:
     """The destination address; ``None`` while a name is unresolved (or for UDP ASSOCIATE
     itself, whose destination comes with each datagram)."""
     port: int | None
+    groups: frozenset[str] = frozenset()
+    """The groups the user's source gave (LDAP groups, the hook's, PAM host groups): a rule's
+    ``@group`` entry matches them as well as the config's ``groups`` table."""
+
+
+@attrs.frozen
+class Users:
+    """A rule's ``users`` bound to the config: *names* (listed users and the members of the
+    config's groups) and *groups* (every ``@group`` the rule names, for groups that come from
+    the identity's source)."""
+
+    names: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+
+    def matches(self, user: str | None, groups: frozenset[str]) -> bool:
+        """An unauthenticated session (*user* ``None``) never matches."""
+        if user is None:
+            return False
+        return user in self.names or not self.groups.isdisjoint(groups)
 
 
 @attrs.frozen
@@ -38,6 +59,9 @@ class Decision:
     allowed: bool
     rule_id: str
     """The rule that matched, or ``default``."""
+    route: Route | None = None
+    """Where the traffic leaves (:mod:`trisocks.policy.routes`); ``None``: from this host's
+    default address, directly."""
 
 
 @attrs.frozen
@@ -92,8 +116,10 @@ class Rule:
     local: bool = False
     """``to`` includes ``@local`` (made into ``nets`` by :class:`RuleSet`)."""
     ports: tuple[tuple[int, int], ...] = ()
+    route: Route | None = None
+    """``egress`` and ``via`` of an allow rule (:mod:`trisocks.policy.routes`)."""
 
-    def match(self, q: Query, users: frozenset[str] | None) -> bool | None:
+    def match(self, q: Query, users: Users | None) -> bool | None:
         """True or False, or None when it hangs on the unresolved address."""
         if (self.clients or self.from_local) and not any(
             q.client.version == n.version and q.client in n for n in self.clients
@@ -101,7 +127,7 @@ class Rule:
             return False
         if any(q.client.version == n.version and q.client in n for n in self.not_clients):
             return False
-        if users is not None and q.user not in users:
+        if users is not None and not users.matches(q.user, q.groups):
             return False
         if self.commands is not None and q.command not in self.commands:
             return False

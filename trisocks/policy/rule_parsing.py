@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from trisocks.policy.matching import HostPattern, NetPattern, Network, Rule
+from trisocks.policy.routes import ROUTE_FIELDS, RouteError, parse_route
 
 __all__ = [
     "ADMIN",
@@ -28,7 +29,7 @@ ADMIN = "@admin"
 """The ``to`` entry that stands for the admin endpoint, wherever it listens."""
 LOCAL = "@local"
 """The ``to`` and ``from`` entry that stands for this host: every address of its own."""
-_FIELDS = {"id", "action", "from", "users", "commands", "to", "ports"}
+_FIELDS = {"id", "action", "from", "users", "commands", "to", "ports"} | ROUTE_FIELDS
 
 DEFAULT_RULES: tuple[dict[str, Any], ...] = (
     {"id": "admin-endpoint", "action": "deny", "to": [ADMIN]},
@@ -142,6 +143,10 @@ def _rule(index: int, data: Any) -> Rule:
         fields.update(_destinations(rule_id, data["to"]))
     if "ports" in data:
         fields["ports"] = _ports(rule_id, data["ports"])
+    try:
+        fields["route"] = parse_route(data, fields["allow"])
+    except RouteError as exc:
+        raise RuleError(f"rule {rule_id!r}: {exc}") from None
     return Rule(**fields)
 
 

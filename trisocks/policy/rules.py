@@ -27,8 +27,10 @@ Rules of matching:
 4. ``from`` holds client CIDRs and ``@local`` (a client on this host); an entry with a leading
    ``!`` excludes. The client must match some plain entry (when there is one) and no ``!``
    entry: ``from = "!@local"`` is "every client not on this host".
-5. ``users`` names users and ``@group`` entries; an unauthenticated session matches only rules
-   without ``users``.
+5. ``users`` names users (account names: ``alice`` from the store, ``ldap:alice`` from LDAP)
+   and ``@group`` entries. ``@staff`` matches a member of the config's group ``staff`` and any
+   identity whose source puts it in a group ``staff`` (LDAP groups, the HTTP hook's groups,
+   PAM host groups). An unauthenticated session matches only rules without ``users``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 import attrs
 
 from trisocks.policy.addresses import LOCAL_NETWORKS, canonical, judged
-from trisocks.policy.matching import IP, Decision, NetPattern, Network, Query, Rule
+from trisocks.policy.matching import IP, Decision, NetPattern, Network, Query, Rule, Users
 from trisocks.policy.rule_parsing import (
     ADMIN,
     COMMANDS,
@@ -63,6 +65,7 @@ __all__ = [
     "Rule",
     "RuleError",
     "RuleSet",
+    "Users",
     "groups_used",
     "parse_rules",
 ]
@@ -120,7 +123,7 @@ class RuleSet:
             if matched is None:
                 return None
             if matched:
-                return Decision(rule.allow, rule.id)
+                return Decision(rule.allow, rule.id, rule.route)
         return self.default
 
     def decide_resolved(self, q: Query, ips: Iterable[IP]) -> Decision:
@@ -133,13 +136,17 @@ class RuleSet:
         return decision
 
 
-def _expand(entries: frozenset[str] | None, groups: Mapping[str, Iterable[str]]) -> Any:
+def _expand(entries: frozenset[str] | None, groups: Mapping[str, Iterable[str]]
+            ) -> Users | None:
+    """A rule's ``users``: names, the members of each config group it names, and the group
+    names themselves (a source's groups match them at request time, rule 5)."""
     if entries is None:
         return None
     names = {e for e in entries if not e.startswith("@")}
-    for entry in entries - names:
-        names.update(groups.get(entry[1:], ()))
-    return frozenset(names)
+    wanted = frozenset(entry[1:] for entry in entries - names)
+    for group in wanted:
+        names.update(groups.get(group, ()))
+    return Users(frozenset(names), wanted)
 
 
 def _local_nets(local: Iterable[IP | Network]) -> tuple[Network, ...]:

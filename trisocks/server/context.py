@@ -11,8 +11,10 @@ import attrs
 import trio
 
 from trisocks.accounting import Accountant
-from trisocks.auth import Authenticator
 from trisocks.config import Config
+from trisocks.identity.build import build_logins
+from trisocks.identity.logins import Logins
+from trisocks.identity.store import Authenticator
 from trisocks.server.admission import Admission
 from trisocks.server.engines import Engine
 from trisocks.server.judge import Judge
@@ -59,6 +61,10 @@ class ServerContext:
     """Per-user sessions, quotas, rates and lifetime (:mod:`trisocks.server.user_limits`)."""
     reservations: Reservations = attrs.field(init=False)
     """BIND listeners and UDP associations held (:mod:`trisocks.server.reservations`)."""
+    logins: Logins = attrs.field(init=False)
+    """The password backends' chain (:mod:`trisocks.identity.logins`); a reload that changes
+    their keys builds a new one (the old ones wait in ``retired_logins`` to be closed)."""
+    retired_logins: list[Logins] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         def config() -> Config:  # the parts read it through this: a reload replaces it
@@ -69,3 +75,4 @@ class ServerContext:
         self.user_limits = UserLimiter(config, self.store, self.accountant, self.stats,
                                        self.registry)
         self.reservations = Reservations(config, self.stats, self.registry)
+        self.logins = build_logins(self.config, self.authenticator)

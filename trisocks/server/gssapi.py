@@ -19,6 +19,7 @@ from __future__ import annotations
 import trio
 
 from trisocks.gss.stream import FrameChannel, GssFailure, GssStream, send_abort
+from trisocks.identity.model import Identity
 from trisocks.protocol.errors import SocksError
 from trisocks.protocol.gssapi import (
     GssAborted,
@@ -29,6 +30,7 @@ from trisocks.protocol.gssapi import (
     parse_protection_level,
 )
 from trisocks.server.context import ServerContext
+from trisocks.server.logins import identify
 from trisocks.sessions import Session
 
 __all__ = ["GssAuthFailed", "accept_gssapi", "user_of"]
@@ -85,5 +87,5 @@ async def accept_gssapi(
         if not isinstance(exc, GssAborted):
             await send_abort(stream)
         raise GssAuthFailed(str(exc)) from None
-    session.user = user
+    identify(session, Identity("gssapi", user))
     return GssStream(stream, acceptor.protection(level), bytes(channel.buffer))

@@ -33,6 +33,7 @@ from trisocks.server import quickio
 from trisocks.server.context import ServerContext
 from trisocks.server.control import ClientStream
 from trisocks.server.gssapi import GssAuthFailed, accept_gssapi
+from trisocks.server.logins import identify, password_login
 from trisocks.server.replies import send_reply
 from trisocks.sessions import Session
 
@@ -110,17 +111,16 @@ async def handshake(
     if method == Method.USERNAME_PASSWORD:
         try:
             credentials = await _read(stream, buf, parse_auth_request)
-            with ctx.admission.server_work():  # not stalled: not evictable meanwhile
-                user = await ctx.authenticator.check(credentials.username, credentials.password)
+            identity = await password_login(ctx, session, stream, credentials.username,
+                                            credentials.password, "socks5")
         except AuthFailed as exc:
             await quickio.send(stream, encode_auth_response(False))
             raise HandshakeFailed("auth_failed", str(exc)) from None
-        if user is None:
+        if identity is None:
             await quickio.send(stream, encode_auth_response(False))
             name = credentials.username.decode(errors="replace")
-            session.user = None
             raise HandshakeFailed("auth_failed", f"bad credentials for user {name!r}")
-        session.user = user
+        identify(session, identity)
         await quickio.send(stream, encode_auth_response(True))
     client: ClientStream = stream
     if method == Method.GSSAPI:

@@ -34,6 +34,7 @@ import socket
 import h11
 import trio
 
+from trisocks.identity.model import Identity, parse_account
 from trisocks.logs import quote
 from trisocks.net import peer_address
 from trisocks.policy.rules import IP
@@ -58,6 +59,7 @@ from trisocks.server.http_messages import (
     send_error,
 )
 from trisocks.server.judge import end_request, open_request
+from trisocks.server.logins import identify, password_login
 from trisocks.server.relay import relay_session
 from trisocks.sessions import Session
 
@@ -67,9 +69,9 @@ log = logging.getLogger("trisocks.http")
 
 async def _authenticate(
     stream: ClientStream, request: h11.Request, ctx: ServerContext,
-    known: dict[bytes, str], identified: str | None,
-) -> str | None:
-    """The request's user (``None``: anonymous, where ``auth`` allows ``none``).
+    known: dict[bytes, Identity], identified: Identity | None, session: Session,
+) -> Identity | None:
+    """The request's identity (``None``: anonymous, where ``auth`` allows ``none``).
 
     Raises:
         HttpError: 407 when credentials are missing where they are required.
@@ -86,23 +88,25 @@ async def _authenticate(
     value = header(request, b"proxy-authorization") or b""
     if value in known:  # checked on this connection already
         return known[value]
-    with ctx.admission.server_work():  # not stalled: not evictable meanwhile
-        user = await ctx.authenticator.check(*creds)
-    if user is None:
+    identity = await password_login(ctx, session, stream, *creds, "http")
+    if identity is None:
         await send_error(stream, HttpError(407, "bad credentials", CHALLENGE))
         name = creds[0].decode(errors="replace")
         raise HandshakeFailed("auth_failed", f"bad credentials for user {name!r}")
-    known[value] = user
-    return user
+    known[value] = identity
+    return identity
 
 
 async def serve_http(stream: ClientStream, session: Session, ctx: ServerContext, ip: IP) -> None:
     """Serve an HTTP proxy client (the connection's first byte was an ASCII letter) until it
     closes, fails, or a request ends the connection."""
     session.protocol = "http"
-    identified = session.user  # set by a TLS client certificate, if any
+    identified = None  # named by a TLS client certificate, if any
+    if session.user is not None:
+        identified = Identity(session.source or "tls", parse_account(session.user)[1],
+                              session.groups)
     trailing = b""
-    known: dict[bytes, str] = {}
+    known: dict[bytes, Identity] = {}
     first = True
     while True:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
@@ -114,8 +118,9 @@ async def serve_http(stream: ClientStream, session: Session, ctx: ServerContext,
                     request = await read_head(stream, conn, trailing)
                     if request is None:
                         raise HandshakeFailed("eof", "client closed during the handshake")
-                    user = await _authenticate(stream, request, ctx, known, identified)
-                if user is not None:
+                    identity = await _authenticate(stream, request, ctx, known, identified,
+                                                   session)
+                if identity is not None:
                     ctx.admission.auth_result(ip, ok=True)
             else:
                 with trio.move_on_after(ctx.config.idle_timeout) as idle:
@@ -125,8 +130,9 @@ async def serve_http(stream: ClientStream, session: Session, ctx: ServerContext,
                     return
                 if request is None:
                     return
-                user = await _authenticate(stream, request, ctx, known, identified)
-                if user != session.user:
+                identity = await _authenticate(stream, request, ctx, known, identified,
+                                               session)
+                if (identity and identity.account) != session.user:
                     raise HttpError(400, "a connection serves one user; reconnect to switch")
             address, path = request_target(request)
         except HttpError as exc:
@@ -136,7 +142,8 @@ async def serve_http(stream: ClientStream, session: Session, ctx: ServerContext,
             session.close_reason = str(exc)
             await send_error(stream, exc)
             return
-        session.user = user
+        if identity is not None:
+            identify(session, identity)
         if first:
             lifetime = ctx.user_limits.max_duration(session)
             if lifetime:

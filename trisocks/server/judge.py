@@ -16,6 +16,7 @@ import attrs
 
 from trisocks.net import ip_of
 from trisocks.policy.addresses import Network, host_networks
+from trisocks.policy.routes import Route
 from trisocks.policy.rules import IP, Decision, Query, RuleSet
 from trisocks.protocol import AddressType, Command, Request
 from trisocks.server.dial import literal
@@ -60,6 +61,7 @@ class Judge:
         self._admin_address = admin_address
         self._stats = stats
         self._queries: dict[Session, Query] = {}
+        self._routes: dict[Session, Route] = {}
         self._ruleset_key: tuple[object, ...] = ()
         self._ruleset: RuleSet | None = None
         self.local: frozenset[Network] = frozenset()
@@ -114,10 +116,12 @@ class Judge:
             host=address.host if domain else None,
             ip=None if domain or request.command == 3 else ip_of(address.host),
             port=None if request.command == 3 else address.port,
+            groups=session.groups,
         )
         decision = self.ruleset.decide(query)
         if decision is not None:
             session.rule = decision.rule_id
+            self._keep_route(session, decision)
             if not decision.allowed:
                 self._stats.denied[decision.rule_id] += 1
                 return decision, f"denied by rule {decision.rule_id}", query
@@ -136,6 +140,7 @@ class Judge:
         decision = self.ruleset.decide_resolved(query, ips)
         session.rule = decision.rule_id
         if decision.allowed:
+            self._keep_route(session, decision)
             return None
         self._stats.denied[decision.rule_id] += 1
         return decision
@@ -165,9 +170,23 @@ class Judge:
 
         return allowed
 
+    def _keep_route(self, session: Session, decision: Decision) -> None:
+        if decision.route is not None and decision.allowed:
+            self._routes[session] = decision.route
+        else:
+            self._routes.pop(session, None)
+
+    def route_of(self, session: Session) -> Route | None:
+        """The route of the rule that allowed *session*'s request (:mod:`trisocks.policy.
+        routes`): known once the request is decided, for a name that hangs on its addresses
+        once :meth:`deny_resolved` has judged them; ``None``: direct, from the default address.
+        A reload does not change a live session's route."""
+        return self._routes.get(session)
+
     def _on_event(self, event: str, session: Session) -> None:
         if event == "end":
             self._queries.pop(session, None)
+            self._routes.pop(session, None)
 
     def end_request(self, session: Session) -> None:
         """Drop the query of *session*'s request before its next one is judged (HTTP

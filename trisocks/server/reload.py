@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from trisocks.config import ConfigError
+from trisocks.identity.build import IDENTITY_KEYS, build_logins
+from trisocks.logs import quote
 from trisocks.server.revocation import revoke_disallowed
 from trisocks.tls import server_context
 
@@ -68,7 +70,20 @@ def reload_config(ctx: ServerContext) -> dict[str, Any]:
     ctx.tls_context = tls_context  # new handshakes; live sessions keep the one they had
     ctx.admission.configure(ctx.config)  # the other parts read ctx.config as they go
     ctx.judge.read_local_addresses()
+    orphans: list[str] = []
+    if any(getattr(new, k) != getattr(old, k) for k in IDENTITY_KEYS):
+        retired = ctx.logins
+        ctx.retired_logins.append(retired)  # in-flight logins finish on it
+        ctx.logins = build_logins(ctx.config, ctx.authenticator, retired.counts)
+        orphans = ctx.logins.adopt(retired)  # live identities are revalidated by the new one
     ended = revoke_disallowed(ctx.judge, ctx.store)
+    for account in orphans:  # their source left password_backends: nothing vouches for them
+        source = account.partition(":")[0]
+        for session in [s for s in ctx.registry if s.user == account]:
+            log.info("session %s (%s): reload: %s is no longer a password backend",
+                     session.id, quote(account), source)
+            session.kill(f"reload: {source} is no longer a password backend")
+            ended += 1
     ctx.stats.reloads["ok"] += 1
     log.info("reloaded config: %d rules (default %s); %d sessions ended",
              len(ctx.config.rules), ctx.config.rules_default, ended)

@@ -11,31 +11,51 @@ milliseconds while scrypt runs) is taken as the session's snapshot.
 
 Limits end sessions too: :class:`QuotaWatcher` ends the sessions of users over quota, and
 after a reload :func:`revoke_disallowed` ends those the new rules or user set no longer allow.
+
+Revocation follows the identity's source. The store's users are watched as above. An
+external identity (PAM, LDAP, the HTTP hook) is no row of the store, so a reload never ends its
+sessions for "user removed" (rules still apply to every session); instead
+:class:`IdentityWatcher` asks its backend again every ``auth_revalidate_interval`` seconds, and
+ends its sessions with reason ``revoked by <source>`` when the source now refuses it. A backend
+that is down (:class:`~trisocks.identity.model.BackendError`) ends nothing: live sessions are
+kept until it answers again, while new logins it would decide fail closed. GSSAPI and TLS
+identities carry no password to check again: they are not revalidated (a Kerberos session
+lasts as its handshake allowed; a reload keeps it).
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
+from trisocks.identity.logins import QUIET
+from trisocks.identity.model import (
+    BackendError,
+    Identity,
+    LoginRequest,
+    PasswordBackend,
+    parse_account,
+)
 from trisocks.logs import quote
 from trisocks.net import ip_of
 from trisocks.protocol import Command
 from trisocks.sessions import Session, SessionRegistry
 
 if TYPE_CHECKING:
-    from trisocks.auth import Authenticator
+    from trisocks.identity.logins import Logins
+    from trisocks.identity.store import Authenticator
     from trisocks.server.judge import Judge
     from trisocks.server.stats import Stats
     from trisocks.server.user_limits import UserLimiter
     from trisocks.store.interface import UserStore
 
-__all__ = ["KILLED_BY_ADMIN", "WATCH_INTERVAL", "CredentialWatcher", "QuotaWatcher",
-           "kill_user_sessions", "revoke", "revoke_disallowed"]
+__all__ = ["KILLED_BY_ADMIN", "WATCH_INTERVAL", "CredentialWatcher", "IdentityWatcher",
+           "QuotaWatcher", "kill_user_sessions", "revoke", "revoke_disallowed", "source_of"]
 
 log = logging.getLogger("trisocks.admin")
 policy_log = logging.getLogger("trisocks.policy")
@@ -46,6 +66,16 @@ WATCH_INTERVAL = 0.5
 
 REVOKED = "credentials revoked"
 KILLED_BY_ADMIN = "killed by admin"
+REVALIDATE_AT_ONCE = 8
+"""External accounts revalidated concurrently, at most."""
+
+
+def source_of(session: Session) -> str | None:
+    """Which source vouched for *session*'s user: :attr:`Session.source`, else what the
+    account name says (:func:`~trisocks.identity.model.parse_account`); ``None`` if anonymous."""
+    if session.user is None:
+        return None
+    return session.source or parse_account(session.user)[0]
 
 
 def kill_user_sessions(
@@ -94,6 +124,8 @@ class CredentialWatcher:
             user = session.user
             if user is None or session.command is None:
                 continue  # not past the request yet: nothing to compare with
+            if source_of(session) != "store":
+                continue  # an external identity: IdentityWatcher's
             if user not in current:
                 current[user] = self._store.password_hash(user)
             snapshot = self._hashes.setdefault(session, current[user])
@@ -162,11 +194,12 @@ class QuotaWatcher:
 
 def revoke_disallowed(judge: Judge, store: UserStore) -> int:
     """After a reload: end the sessions the new rules (*judge*) or user set (*store*) no
-    longer allow; return how many."""
+    longer allow; return how many. Only the store's users can be removed from *store*: an
+    external identity's sessions are judged by the rules alone (module docstring)."""
     ended = 0
     for session, query in list(judge.queries.items()):
         reason = None
-        if session.user is not None and not store.has_user(session.user):
+        if source_of(session) == "store" and not store.has_user(str(session.user)):
             reason = "reload: user removed"
         else:
             resolved = session.resolved
@@ -180,3 +213,70 @@ def revoke_disallowed(judge: Judge, store: UserStore) -> int:
             session.kill(reason)
             ended += 1
     return ended
+
+
+class IdentityWatcher:
+    """Revalidates the external accounts with live sessions in *registry* every *interval()*
+    seconds through the chain *logins()* gives (read each round: a reload may build a new one;
+    :meth:`~trisocks.identity.logins.Logins.remembered`): an account
+    its backend now refuses has its sessions ended (``revoked by <source>``) and is forgotten;
+    a backend error keeps the sessions (logged once per burst); an account with no live
+    session is forgotten."""
+
+    def __init__(self, logins: Callable[[], Logins], registry: SessionRegistry,
+                 interval: Callable[[], float]) -> None:
+        self._logins = logins
+        self._registry = registry
+        self._interval = interval
+        self._last_error: dict[str, float] = {}
+        self._limiter = trio.CapacityLimiter(REVALIDATE_AT_ONCE)
+
+    async def check(self) -> int:
+        """One round; return how many sessions it ended."""
+        live = {s.user for s in self._registry if s.user is not None}
+        logins = self._logins()
+        ended = 0
+
+        async def one(account: str, entry: tuple[Identity, LoginRequest, PasswordBackend]) -> None:
+            nonlocal ended
+            identity, request, backend = entry
+            async with self._limiter:
+                try:
+                    valid = await backend.revalidate(identity, request)
+                except BackendError as exc:
+                    self._log_error(identity.source, exc)
+                    return
+            current = logins.remembered().get(account)
+            if valid or current is None or current[1] is not request:
+                return  # still valid, or a fresh login replaced what was checked
+            reason = f"revoked by {identity.source}"
+            logins.forget(account)
+            killed = kill_user_sessions(self._registry, account, reason)
+            log.info("account %s: %s; ended %d sessions", quote(account), reason, killed)
+            ended += killed
+
+        async with trio.open_nursery() as nursery:
+            for account, entry in logins.remembered().items():
+                if account not in live:
+                    logins.forget(account)
+                elif entry[0].source not in ("gssapi", "tls"):
+                    nursery.start_soon(one, account, entry)
+        return ended
+
+    def _log_error(self, source: str, exc: BackendError) -> None:
+        now = trio.current_time()
+        last = self._last_error.get(source)
+        self._last_error[source] = now
+        if last is None or now - last > max(QUIET, 2 * self._interval()):
+            log.warning("revalidation: password backend %s cannot answer: %s (its sessions "
+                        "are kept)", source, exc)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Revalidate every *interval()* seconds until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(self._interval())
+            try:
+                await self.check()
+            except Exception:  # one bad round must not stop the proxy; the next retries
+                log.exception("identity revalidation failed")

@@ -18,15 +18,15 @@ import trio
 from trio.lowlevel import wait_readable
 
 from trisocks.accounting import Accountant
-from trisocks.auth import Authenticator
 from trisocks.config import Config
 from trisocks.fleet.node import FleetNode, fleet_enabled
 from trisocks.fleet.workers import worker_index
+from trisocks.identity.store import Authenticator
 from trisocks.net import format_sockaddr
 from trisocks.server.context import ServerContext
 from trisocks.server.engines import make_engine
 from trisocks.server.listeners import open_listeners
-from trisocks.server.revocation import CredentialWatcher, QuotaWatcher
+from trisocks.server.revocation import CredentialWatcher, IdentityWatcher, QuotaWatcher
 from trisocks.server.session import handle_client
 from trisocks.sessions import SessionRegistry
 from trisocks.store.cache import CachedStore
@@ -131,12 +131,27 @@ async def serve(
     ``config.shutdown_grace`` seconds, then are cancelled; accounting is flushed last.
     """
     ctx = build_context(config, store)
+    try:
+        await _run(ctx, admin, task_status=task_status)
+    finally:
+        await _close_logins(ctx)
+
+
+async def _run(
+    ctx: ServerContext,
+    admin: AdminService | None,
+    *,
+    task_status: trio.TaskStatus[ServerContext],
+) -> None:
+    config, store = ctx.config, ctx.store
     async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as root:
         if isinstance(store, CachedStore):  # writes leave, others' writes arrive
             root.start_soon(store.run)
         root.start_soon(ctx.accountant.run, config.accounting_flush_interval)
         await root.start(CredentialWatcher(ctx.store, ctx.registry, ctx.authenticator).run)
         await root.start(QuotaWatcher(ctx.user_limits, ctx.registry, ctx.stats).run)
+        await root.start(IdentityWatcher(lambda: ctx.logins, ctx.registry,
+                                         lambda: ctx.config.auth_revalidate_interval).run)
         if fleet_enabled(config):
             ctx.fleet = await trio.to_thread.run_sync(
                 FleetNode.open, ctx.config, ctx.store, ctx.registry)
@@ -182,6 +197,14 @@ async def serve(
         root.cancel_scope.cancel()
     ctx.engine.close()
     log.info("stopped")
+
+
+
+async def _close_logins(ctx: ServerContext) -> None:
+    """Close the password backends (the hook's HTTP client...), even when cancelled."""
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        for logins in (*ctx.retired_logins, ctx.logins):
+            await logins.aclose()
 
 
 async def _start_admin(root: trio.Nursery, ctx: ServerContext, admin: AdminService) -> None:

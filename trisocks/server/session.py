@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import trio
 
+from trisocks.identity.model import Identity
 from trisocks.logs import quote
 from trisocks.net import format_sockaddr, ip_of
 from trisocks.policy.rules import IP
@@ -28,6 +29,7 @@ from trisocks.server.detect import detect
 from trisocks.server.handshake import HandshakeFailed, handshake
 from trisocks.server.judge import open_request
 from trisocks.server.listeners import receive_proxy_header
+from trisocks.server.logins import identify
 from trisocks.server.replies import send_reply
 from trisocks.server.resolve import handle_resolve
 from trisocks.server.socks4 import socks4_handshake
@@ -132,7 +134,7 @@ async def _start_tls(
         user = certificate_user(conn.getpeercert())
         if user is None:
             raise HandshakeFailed("tls", "the client certificate names no CN")
-        session.user = user  # no password crosses the network: the handshake offers 00
+        identify(session, Identity("tls", user))  # no password: the handshake offers 00
     return conn
 
 

@@ -34,7 +34,14 @@ import attrs
 import trio
 
 from trisocks.policy.quotas import UserLimits, period_starts
-from trisocks.store.records import Snapshot, StoreError, UsageDelta, UserUsage, validate_username
+from trisocks.store.records import (
+    Snapshot,
+    StoreError,
+    UsageDelta,
+    UserUsage,
+    is_external,
+    validate_username,
+)
 from trisocks.store.sqlite import Store
 
 if TYPE_CHECKING:
@@ -138,7 +145,8 @@ class CachedStore:
                           lambda b: b.remove_user(name))
 
     def set_user_limits(self, name: str, limits: UserLimits) -> None:
-        self._require(name)
+        if not is_external(name):  # an external identity's limits need no users row
+            self._require(name)
         self._queue_write(f"limits of {name!r}",
                           lambda s: s.limits.__setitem__(name, limits),
                           lambda b: b.set_user_limits(name, limits))

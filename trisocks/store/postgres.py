@@ -27,6 +27,7 @@ from trisocks.store.records import (
     StoreError,
     UsageDelta,
     UserUsage,
+    is_external,
     schema_error,
     validate_username,
 )
@@ -218,7 +219,8 @@ class PostgresStore:
         columns = ", ".join(LIMIT_FIELDS)
         updates = ", ".join(f"{f} = excluded.{f}" for f in LIMIT_FIELDS)
         with self._write() as cur:
-            if not cur.execute("SELECT 1 FROM users WHERE name = ? FOR UPDATE", (name,)):
+            if not is_external(name) and not cur.execute(
+                    "SELECT 1 FROM users WHERE name = ? FOR UPDATE", (name,)):
                 raise StoreError(f"no user {name!r}")
             cur.execute(
                 f'INSERT INTO user_limits ("user", {columns}) '

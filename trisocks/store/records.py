@@ -6,11 +6,21 @@ import attrs
 
 from trisocks.policy.quotas import UserLimits
 
-__all__ = ["ANONYMOUS", "Snapshot", "StoreError", "UsageDelta", "UserUsage", "schema_error",
-           "validate_username"]
+__all__ = ["ANONYMOUS", "EXTERNAL_PREFIXES", "Snapshot", "StoreError", "UsageDelta", "UserUsage",
+           "is_external", "schema_error", "validate_username"]
 
 ANONYMOUS = "(anonymous)"
 """The name sessions without authentication are accounted under; no user can take it."""
+EXTERNAL_PREFIXES = ("pam:", "ldap:", "http:", "gssapi:", "tls:")
+"""How the account names of identities from other sources begin
+(:func:`trisocks.identity.model.account_name`): no store user may take such a name, so none can
+stand for an external identity."""
+
+
+def is_external(name: str) -> bool:
+    """Whether *name* is the account of an identity another source vouched for (it has no
+    row in ``users``; its usage and limits are still kept by name)."""
+    return name.startswith(EXTERNAL_PREFIXES)
 
 
 class StoreError(Exception):
@@ -18,7 +28,9 @@ class StoreError(Exception):
 
 
 def validate_username(name: str) -> str:
-    """Names are 1..255 UTF-8 bytes (RFC 1929 ULEN), without control characters."""
+    """Names are 1..255 UTF-8 bytes (RFC 1929 ULEN), without control characters, and not
+    reserved: ``(anonymous)``, anything starting with ``(``, or an external source's prefix
+    (:data:`EXTERNAL_PREFIXES`)."""
     raw = name.encode()
     if not raw:
         raise StoreError("user name must not be empty")
@@ -30,6 +42,10 @@ def validate_username(name: str) -> str:
         raise StoreError(f"{ANONYMOUS} is reserved for unauthenticated sessions")
     if name.startswith("("):  # (anonymous), (other) in metrics: the server's own rows
         raise StoreError("user names starting with '(' are reserved, like (anonymous)")
+    if is_external(name):
+        prefix = name.partition(":")[0]
+        raise StoreError(f"user names starting with {prefix + ':'!r} are reserved for "
+                         f"identities from {prefix} (account names such as {prefix}:alice)")
     return name
 
 

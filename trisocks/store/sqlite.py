@@ -28,6 +28,7 @@ from trisocks.store.records import (
     StoreError,
     UsageDelta,
     UserUsage,
+    is_external,
     schema_error,
     validate_username,
 )
@@ -311,7 +312,7 @@ class Store:
         """
         with self._transaction():
             self._db.execute("BEGIN IMMEDIATE")
-            if not self.has_user(name):
+            if not is_external(name) and not self.has_user(name):
                 raise StoreError(f"no user {name!r}")
             values = [getattr(limits, f) for f in LIMIT_FIELDS]
             self._db.execute(

@@ -1,4 +1,5 @@
-"""Checking RFC 1929 credentials against the store without stalling the event loop.
+"""The ``store`` password backend: RFC 1929 credentials checked against the store's scrypt
+table without stalling the event loop.
 
 scrypt takes tens of milliseconds, so it runs in a worker thread (at most two at once). A
 successful check leaves a keyed BLAKE2 digest of the password in memory, bound to the stored
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from trisocks.identity.model import Identity, LoginRequest
 from trisocks.passwords import DUMMY_HASH, verify_password
 from trisocks.usernames import login_form
 
@@ -66,6 +68,20 @@ class Authenticator:
             return None
         self._verified[name] = (stored, self._digest(password))
         return name
+
+    source = "store"
+
+    async def login(self, request: LoginRequest) -> Identity | None:
+        """:meth:`check` as a password backend (``PasswordBackend``)."""
+        name = await self.check(request.user, request.password)
+        return None if name is None else Identity("store", name)
+
+    async def revalidate(self, identity: Identity, request: LoginRequest) -> bool:
+        """Store users are revalidated as their hash changes (``CredentialWatcher``)."""
+        return self._store.has_user(identity.name)
+
+    async def aclose(self) -> None:
+        pass
 
     def forget(self, name: str) -> None:
         """Drop what is cached for *name* (after a password change or removal)."""
