@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -224,6 +225,37 @@ def trisocks_tls(port: int, workdir: Path) -> Launch:
     return launch
 
 
+VIA_RULE = """\
+[[rules]]
+id = "via-parent"
+action = "allow"
+via = ["socks5h://{auth}127.0.0.1:{port}"]
+"""
+
+
+def trisocks_via(port: int, workdir: Path) -> Launch:
+    """:func:`trisocks` with every CONNECT going through a second trisocks (the parent: the
+    same flags, its own port, db and admin port): the cost of one more hop. Both run in one
+    process group (a shell starts the parent, waits for it to accept, then becomes the child),
+    so the CPU column is the two together."""
+    parent_port = procs.free_port()
+    parent_dir = workdir / "parent"
+    parent_dir.mkdir(exist_ok=True)
+    parent = trisocks(parent_port, parent_dir)
+    launch = trisocks(port, workdir)
+    auth = f"{USER}:{PASSWORD}@" if parent.user else ""
+    conf = workdir / "via.toml"
+    conf.write_text(VIA_RULE.format(auth=auth, port=parent_port))
+    launch.argv += ["--config", str(conf)]
+    wait = (f"for i in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/{parent_port}) 2>/dev/null"
+            " && break; sleep 0.05; done")
+    script = f"{shlex.join(parent.argv)} & {wait}; exec {shlex.join(launch.argv)}"
+    launch.argv = ["bash", "-c", script]
+    launch.notes.append("every CONNECT through a trisocks parent on loopback (socks5h, "
+                        "password auth to it); CPU and memory are both processes'")
+    return launch
+
+
 def pproxy_missing() -> str | None:
     if importlib.util.find_spec("pproxy") and importlib.util.find_spec("uvloop"):
         return None
@@ -245,6 +277,7 @@ SERVERS = [
         pproxy_missing,
     ),
     Server("trisocks", trisocks, trisocks_missing),
+    Server("trisocks-via (through a trisocks parent)", trisocks_via, trisocks_missing),
     Server(
         "pproxy+uvloop (HTTP CONNECT)",
         pproxy_mixed,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import ipaddress
+import shutil
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -76,6 +77,14 @@ def cheap_scrypt(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     not tens of milliseconds); the production default in trisocks.passwords is unchanged."""
     if request.node.get_closest_marker("production_scrypt") is None:
         monkeypatch.setattr(trisocks.passwords, "_LOG2_N", CHEAP_LOG2_N)
+
+
+def curl() -> str:
+    """The curl program (scripts/test installs it; missing, the test fails rather than skips)."""
+    path = shutil.which("curl")
+    if path is None:
+        pytest.fail("curl is not installed (scripts/test installs it with apt-get)")
+    return path
 
 
 def have_ipv6() -> bool:

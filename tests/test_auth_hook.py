@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from tests.conftest import (
     HttpOrigin,
     Proxy,
     connect_request,
+    curl,
     eventually,
     open_connect,
     read_reply,
@@ -235,13 +235,6 @@ async def hook_proxy(start_proxy: StartProxy, hook: Hook, **overrides: Any) -> P
                               "auth_hook_timeout": 2.0, "admin": ADMIN, "admin_token": TOKEN}
     values.update(overrides)
     return await start_proxy(**values)
-
-
-def curl() -> str:
-    path = shutil.which("curl")
-    if path is None:
-        pytest.fail("curl is not installed (scripts/test installs it with apt-get)")
-    return path
 
 
 async def test_curl_through_the_proxy_with_a_hook_login(

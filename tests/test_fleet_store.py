@@ -102,8 +102,8 @@ def test_migrations_are_versioned_and_refuse_a_newer_schema(tmp_path: Path, pg_u
         Directory(store.db)
         with store.db.transaction() as cur:
             assert dict(cur.execute("SELECT component, version FROM schema_migrations")) == {
-                "store": 3, "fleet": 3}
-        with pytest.raises(StoreError, match="fleet schema version 3, this trisocks knows up"):
+                "store": 3, "fleet": 4}
+        with pytest.raises(StoreError, match="fleet schema version 4, this trisocks knows up"):
             migrate(store.db, "fleet", ())
     finally:
         store.close()

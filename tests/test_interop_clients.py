@@ -4,22 +4,14 @@ each downloading a 6 MiB blob from a local HTTP server and checking its hash."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 from typing import Any
 
 import pytest
 import trio
 
-from tests.conftest import PASSWORD, USER, HttpOrigin, Proxy, eventually
+from tests.conftest import PASSWORD, USER, HttpOrigin, Proxy, curl, eventually
 
 pytestmark = pytest.mark.interop
-
-
-def curl() -> str:
-    path = shutil.which("curl")
-    if path is None:
-        pytest.fail("curl is not installed (scripts/test installs it with apt-get)")
-    return path
 
 
 async def curl_fetch(proxy_flag: str, proxy_url: str, url: str) -> bytes:

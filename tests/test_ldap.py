@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from tests.conftest import (
     HttpOrigin,
     Proxy,
     connect_request,
+    curl,
     eventually,
     open_connect,
     read_reply,
@@ -346,13 +346,6 @@ async def ldap_proxy(start_proxy: StartProxy, directory: ldap_support.Directory,
     values.update(overrides)
     proxy: Proxy = await start_proxy(**values)
     return proxy
-
-
-def curl() -> str:
-    path = shutil.which("curl")
-    if path is None:
-        pytest.fail("curl is not installed (scripts/test installs it with apt-get)")
-    return path
 
 
 async def login_status(proxy: Proxy, user: str, password: str) -> bytes:

@@ -28,6 +28,7 @@ from tests.conftest import (
     HttpOrigin,
     Proxy,
     connect_request,
+    curl,
     eventually,
     open_connect,
     read_reply,
@@ -218,13 +219,6 @@ async def pam_proxy(start_proxy: StartProxy, account: Account, **overrides: Any)
                               "admin": ADMIN, "admin_token": TOKEN}
     values.update(overrides)
     return await start_proxy(**values)
-
-
-def curl() -> str:
-    path = shutil.which("curl")
-    if path is None:
-        pytest.fail("curl is not installed (scripts/test installs it with apt-get)")
-    return path
 
 
 async def test_curl_through_the_proxy_with_a_pam_login(

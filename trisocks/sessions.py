@@ -86,6 +86,13 @@ class Session:
     """SOCKS4's USERID field, as sent (not authenticated: SOCKS4 has no password)."""
     instance: str | None = None
     """The fleet instance serving it (:mod:`trisocks.fleet`); ``None`` outside a fleet."""
+    parent: str | None = None
+    """The ``via`` parent its connection went through, by label (``socks5://host:port``, no
+    credentials: :mod:`trisocks.server.parents`); ``None``: direct."""
+    egress: IP | None = None
+    """The source address its traffic left from, when its rule gives ``egress``
+    (:mod:`trisocks.server.egress`; the host's default after a ``fallback``); ``None``: no
+    egress, the kernel's choice."""
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     counters: Counters = attrs.field(factory=Counters)
     flushed: Counters = attrs.field(factory=Counters)
@@ -108,6 +115,8 @@ class Session:
             self.protocol, self.tls, self.state, self.started_at, c.bytes_up, c.bytes_down,
             c.datagrams_up, c.datagrams_down, self.instance, self.reply, self.rule, self.userid,
             self.close_reason, self.source,
+            egress=self.egress,
+            parent=self.parent,
         )
 
 
@@ -139,6 +148,10 @@ class SessionView:
     close_reason: str | None = None
     source: str | None = None
     """Which source vouched for ``user`` (:attr:`Session.source`)."""
+    egress: IP | None = None
+    """Where its traffic left from (:attr:`Session.egress`)."""
+    parent: str | None = None
+    """The upstream proxy it went through (:attr:`Session.parent`)."""
 
     @property
     def command_name(self) -> str | None:
@@ -152,7 +165,7 @@ class SessionView:
         """Every field, JSON-ready: addresses as ``host:port`` (``[v6]:port``), the command by
         name (:data:`COMMAND_NAMES`)."""
         fields = attrs.asdict(self, recurse=False)
-        for key in ("client", "target", "resolved"):
+        for key in ("client", "target", "resolved", "egress"):
             if fields[key] is not None:
                 fields[key] = str(fields[key])
         fields["command"] = self.command_name

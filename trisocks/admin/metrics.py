@@ -127,6 +127,11 @@ class ProxyCollector:
         yield _counter("trisocks_logins", "Password logins per backend (password_backends), by "
                        "result: accepted, refused, error (the backend could not answer).",
                        ["backend", "result"], login_counts(ctx))
+        yield _counter("trisocks_parent_sessions", "Connections made through a via parent, "
+                       "by parent (scheme://host:port).", ["parent"], dict(stats.parent_sessions))
+        yield _counter("trisocks_parent_failures", "Times a via parent failed and was skipped "
+                       "(marked down for via_down_for), by parent.", ["parent"],
+                       dict(stats.parent_failures))
         yield from self._per_user()
 
     def _per_user(self) -> Iterator[Metric]:

@@ -99,6 +99,10 @@ _SCHEMAS: dict[str, Any] = {
                     "description": "null until the request is read"},
         "target": {**_NULLABLE_STRING, "description": "host:port as the client asked"},
         "resolved": {**_NULLABLE_STRING, "description": "ip:port actually used"},
+        "egress": {**_NULLABLE_STRING, "description": "the source IP its traffic left from, "
+                   "when its rule gives egress (docs/routing.md); null otherwise"},
+        "parent": {**_NULLABLE_STRING, "description": "the via parent it went through, as "
+                   "scheme://host:port (docs/routing.md); null when direct"},
         "protocol": {"enum": ["socks5", "socks4", "http-connect", "http"],
                      "description": "how the client spoke (docs/protocols.md)"},
         "tls": {"type": "boolean", "description": "the client connection is TLS"},

@@ -1,5 +1,5 @@
 """``trisocks check``: what ``serve`` with the same options would run with, all problems at
-once, with nothing bound, written or created."""
+once, with nothing bound (but a test socket per egress address), written or created."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 from trisocks.cli.common import fail, log_as_cli_lines, warn
 from trisocks.cli.config_flags import add_config_flags, flag_values, serve_warnings
 from trisocks.config import ConfigError, config_problems, default_db_path, is_db_url, load_file
+from trisocks.server.egress import check_egress
 from trisocks.store.records import StoreError
 from trisocks.store.sqlite import Store
 from trisocks.tls import server_context
@@ -24,9 +25,11 @@ def add_check_command(sub: Any) -> None:
         "check",
         help="check a configuration without serving",
         description="Check what 'trisocks serve' with the same options would run with: every "
-        "key, the access rules, the admin token file, and the database (opened read-only, "
-        "never migrated or created). Nothing is bound. Prints one line and exits 0 when all "
-        "is well; else one line per problem and exit status 2.",
+        "key, the access rules (their egress addresses bindable on this host, an egress prefix "
+        "locally routed), the admin token file, and the database (opened read-only, never "
+        "migrated or created). Nothing is bound but a test socket per egress address (port 0, "
+        "closed at once). Prints one line and exits 0 when all is well; else one line per "
+        "problem and exit status 2.",
     )
     add_config_flags(p)
     p.set_defaults(func=_cmd_check)
@@ -46,6 +49,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             problems.append(str(exc))
         problems += _db_problems(config.db)
+        problems += check_egress(config)  # the rules' source addresses work on this host
         for warning in serve_warnings(args, config):
             warn(warning)
     if problems:

@@ -121,6 +121,19 @@ SERVE_HELP: dict[str, tuple[str, str]] = {
                        "(default 60)"),
     "auth_revalidate_interval": ("SECONDS", "fresh check of external identities with live "
                                  "sessions this often (default 300)"),
+    "resolvers": ("SERVERS", "comma list of DNS servers for DST.ADDR names, IP or IP:PORT "
+                  "([v6]:PORT), asked in order over UDP (TCP for truncated answers), answers "
+                  "kept for their TTL (default: the system resolver)"),
+    "resolver_timeout": ("SECONDS", "a lookup at resolvers longer than this fails with "
+                         "REP 04 (default 5)"),
+    "resolver_cache_size": ("N", "names whose answers from resolvers are kept, negative ones "
+                            "too; 'off' for none (default 10000)"),
+    "hosts": ("HOSTS", "static names answered before any resolver, as NAME=IP,IP;NAME=IP "
+              "(in the file: a [hosts] table)"),
+    "via_timeout": ("SECONDS", "a via parent not reached and negotiated within this is skipped "
+                    "and marked down (default 5)"),
+    "via_down_for": ("SECONDS", "a via parent that failed is skipped this long while another "
+                     "is up (default 30)"),
 }
 assert SERVE_HELP.keys() == KEYS.keys(), "every config key needs a flag"
 
@@ -142,8 +155,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 _INTEGER = {"max_sessions", "max_sessions_per_user", "max_handshakes", "auth_failure_limit",
             "workers", "max_handshakes_per_client", "max_binds_per_user", "max_udp_per_user",
-            "udp_sockets", "ldap_pool_size"}
-_NUMERIC = _INTEGER | {
+            "udp_sockets", "ldap_pool_size", "resolver_cache_size"}
+_NUMERIC = _INTEGER | {"via_down_for"} | {
     key for key in KEYS
     if key.endswith(("_timeout", "_grace", "_interval", "_rate", "_max", "_duration", "_ttl"))
 }

@@ -17,6 +17,7 @@ from trisocks.cli.config_flags import add_config_flags, load_config, read_config
 from trisocks.config import Config, ConfigError
 from trisocks.fleet.workers import supervise, worker_index
 from trisocks.logs import setup_logging
+from trisocks.server.egress import check_egress
 from trisocks.store.interface import UserStore
 from trisocks.tls import server_context
 
@@ -42,6 +43,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         server_context(config)  # the TLS files load: one line now, not a traceback later
     except ConfigError as exc:
         fail(str(exc))
+    for problem in (egress_problems := check_egress(config)):  # the rules' source addresses
+        print(f"trisocks: error: {problem}", file=sys.stderr)
+    if egress_problems:
+        return 2
     if worker_index() is None:  # once, not again from every worker
         for warning in serve_warnings(args, config):
             warn(warning)

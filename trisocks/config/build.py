@@ -193,6 +193,19 @@ def _check_identity(config: Config) -> None:
 
 
 def _check_routes(config: Config) -> None:
-    routed = [rule.id for rule in config.rules if rule.route is not None]
-    if routed:  # parsed (trisocks.policy.routes), not applied yet: refuse rather than ignore
-        raise ConfigError(f"rules: rule {routed[0]!r}: egress and via are not supported yet")
+    for rule in config.rules:
+        if rule.route is None or not rule.route.via:
+            continue
+        if rule.route.egress or rule.route.egress_prefix is not None:
+            # The connection to a parent is made from the default address (not done yet)
+            raise ConfigError(f"rules: rule {rule.id!r}: egress and via together are not "
+                              "supported yet (the parent is reached from the default address)")
+        # BIND and UDP ASSOCIATE go through SOCKS5 parents only (trisocks.server.parents):
+        # a rule whose parents are all HTTP would refuse them all; say so now.
+        if all(parent.scheme == "http" for parent in rule.route.via):
+            left = {"bind", "udp"} if rule.commands is None else rule.commands & {"bind", "udp"}
+            if left:
+                raise ConfigError(
+                    f"rules: rule {rule.id!r}: via has only http parents, which cannot carry "
+                    f"{' or '.join(sorted(left))}; add a socks5 parent or give it "
+                    f"commands = [\"connect\"]")

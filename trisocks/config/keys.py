@@ -67,40 +67,31 @@ def _listen(key: str, value: Any) -> tuple[Endpoint, ...]:
     return tuple(Endpoint.parse(item, key=key) for item in items)
 
 
-def _auth(key: str, value: Any) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list | tuple) or not items:
-        raise ConfigError(f"{key}: expected a list of methods")
-    methods = tuple(str(item).strip() for item in items)
-    for method in methods:
-        if method not in AUTH_METHODS:
-            raise ConfigError(
-                f"{key}: unknown method {method!r} (known: {', '.join(AUTH_METHODS)})"
-            )
-    if len(set(methods)) != len(methods):
-        raise ConfigError(f"{key}: a method is listed twice")
-    return methods
+def _ordered(what: str, choices: tuple[str, ...]) -> Any:
+    """A converter of a comma list (or a TOML list) of some of *choices*, in order, no repeats;
+    *what* names one of them in messages ("method", "backend")."""
+
+    def convert(key: str, value: Any) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not items:
+            raise ConfigError(f"{key}: expected a list of {what}s")
+        picked = tuple(str(item).strip() for item in items)
+        for item in picked:
+            if item not in choices:
+                raise ConfigError(
+                    f"{key}: unknown {what} {item!r} (known: {', '.join(choices)})"
+                )
+        if len(set(picked)) != len(picked):
+            raise ConfigError(f"{key}: a {what} is listed twice")
+        return picked
+
+    return convert
 
 
 PROTOCOLS = ("socks5", "socks4", "http")
 
 
 PASSWORD_BACKENDS = ("store", "pam", "ldap", "http")
-
-
-def _password_backends(key: str, value: Any) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list | tuple) or not items:
-        raise ConfigError(f"{key}: expected a list of backends")
-    backends = tuple(str(item).strip() for item in items)
-    for backend in backends:
-        if backend not in PASSWORD_BACKENDS:
-            raise ConfigError(
-                f"{key}: unknown backend {backend!r} (known: {', '.join(PASSWORD_BACKENDS)})"
-            )
-    if len(set(backends)) != len(backends):
-        raise ConfigError(f"{key}: a backend is listed twice")
-    return backends
 
 
 def _protocols(key: str, value: Any) -> tuple[str, ...]:
@@ -229,9 +220,58 @@ def _reassembly(key: str, value: Any) -> float:
     return seconds
 
 
+def _resolvers(key: str, value: Any) -> tuple[Endpoint, ...]:
+    """DNS servers: ``IP``, ``IP:PORT`` or ``[V6]:PORT`` (port 53 unless given), as a list or
+    a comma list; an address, not a name (there is no resolver yet to look a name up)."""
+    items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{key}: expected a list of IP or IP:PORT strings, got {value!r}")
+    servers = []
+    for item in (i.strip() for i in items):
+        try:
+            servers.append(Endpoint(str(ipaddress.ip_address(item)), 53))
+            continue
+        except ValueError:
+            server = Endpoint.parse(item, key=key) if ":" in item else Endpoint(item, 53)
+        try:
+            ipaddress.ip_address(server.host)
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r}: give the server's IP address") from None
+        if server.port == 0:
+            raise ConfigError(f"{key}: {item!r}: port 0 is no server's port")
+        servers.append(server)
+    return tuple(servers)
+
+
+def _hosts(key: str, value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A TOML table ``{"db.internal" = ["10.0.0.5"]}``, or ``NAME=IP,IP;NAME=IP``; names
+    lower case without a trailing dot (IDNA-encoded), addresses as Python writes them."""
+    if isinstance(value, str):
+        pairs = [part.partition("=") for part in value.split(";") if part.strip()]
+        if not all(sep for _, sep, _ in pairs):
+            raise ConfigError(f"{key}: expected NAME=IP,IP;NAME=IP, got {value!r}")
+        value = {name.strip(): [ip for ip in ips.split(",") if ip.strip()]
+                 for name, _, ips in pairs}
+    if not isinstance(value, Mapping) or not all(
+        isinstance(ips, list) and ips and all(isinstance(ip, str) for ip in ips)
+        for ips in value.values()
+    ):
+        raise ConfigError(f"{key}: expected a table of names to lists of addresses, got {value!r}")
+    table: dict[str, tuple[str, ...]] = {}
+    for name, ips in value.items():
+        try:
+            host = str(name).strip().rstrip(".").encode("idna").decode("ascii").lower()
+            table[host] = tuple(str(ipaddress.ip_address(ip.strip())) for ip in ips)
+        except (UnicodeError, ValueError) as exc:
+            raise ConfigError(f"{key}: {name!r}: {exc}") from None
+        if not host:
+            raise ConfigError(f"{key}: an empty name")
+    return tuple(sorted(table.items()))
+
+
 KEYS: Mapping[str, Any] = {
     "listen": _listen,
-    "auth": _auth,
+    "auth": _ordered("method", AUTH_METHODS),
     "protocols": _protocols,
     "db": _db,
     "allow_open_proxy": _bool,
@@ -274,7 +314,7 @@ KEYS: Mapping[str, Any] = {
     "tls_cert": _path,
     "tls_key": _path,
     "tls_client_ca": _path,
-    "password_backends": _password_backends,
+    "password_backends": _ordered("backend", PASSWORD_BACKENDS),
     "pam_service": _text,
     "ldap_url": _text,
     "ldap_starttls": _bool,
@@ -292,5 +332,11 @@ KEYS: Mapping[str, Any] = {
     "auth_hook_token_file": _path,
     "auth_cache_ttl": _positive,
     "auth_revalidate_interval": _positive,
+    "resolvers": _resolvers,
+    "resolver_timeout": _positive,
+    "resolver_cache_size": _limit,
+    "hosts": _hosts,
+    "via_timeout": _positive,
+    "via_down_for": _positive,
 }
 """Every config key with its converter: ``converter(key, raw_value) -> value``."""

@@ -42,6 +42,11 @@ class Config:
     """Greeting + authentication + request must finish within this."""
     connect_timeout: float = 10.0
     """Outbound connect (all addresses of a name together)."""
+    via_timeout: float = 5.0
+    """A rule's ``via`` parent that is not reached, or not done negotiating, within this is
+    skipped (and marked down for ``via_down_for``)."""
+    via_down_for: float = 30.0
+    """How long a parent that failed is skipped while another parent of the list is up."""
     idle_timeout: float = 300.0
     """A relay with no byte in either direction for this long ends."""
     shutdown_grace: float = 10.0
@@ -166,3 +171,12 @@ class Config:
     """Seconds a successful external login is answered from memory (a keyed digest)."""
     auth_revalidate_interval: float = 300.0
     """Seconds between fresh checks of external identities with live sessions."""
+    resolvers: tuple[Endpoint, ...] = ()
+    """DNS servers DST.ADDR names are looked up at, in order (:mod:`trisocks.server.resolver`:
+    A and AAAA over UDP, TCP for truncated answers, TTLs kept); none: the system resolver."""
+    resolver_timeout: float = 5.0
+    """Seconds a lookup at ``resolvers`` may take; then it fails (REP 04), and is not kept."""
+    resolver_cache_size: int | None = 10000
+    """Names whose answers (and negative answers) from ``resolvers`` are kept; ``None``: none."""
+    hosts: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Static names, answered before any resolver (the system's too): (name, addresses)."""

@@ -59,10 +59,14 @@ MIGRATIONS = (
     """
     ALTER TABLE fleet_sessions ADD COLUMN source TEXT
     """,
+    # 4: the via parent a session went through (issue 16)
+    """
+    ALTER TABLE fleet_sessions ADD COLUMN parent TEXT
+    """,
 )
 
 _COLUMNS = ("instance, id, client, username, command, target, resolved, state, started_at, "
-            "bytes_up, bytes_down, datagrams_up, datagrams_down, protocol, tls, source")
+            "bytes_up, bytes_down, datagrams_up, datagrams_down, protocol, tls, source, parent")
 
 
 _SESSION_COLUMNS = ", ".join(f"s.{c.strip()}" for c in _COLUMNS.split(","))
@@ -83,20 +87,21 @@ def row_of(instance: str, view: SessionView) -> tuple[Any, ...]:
     text = view.text()
     return (instance, view.id, text["client"], view.user, text["command"], text["target"],
             text["resolved"], view.state, view.started_at, view.bytes_up, view.bytes_down,
-            view.datagrams_up, view.datagrams_down, view.protocol, int(view.tls), view.source)
+            view.datagrams_up, view.datagrams_down, view.protocol, int(view.tls), view.source,
+            view.parent)
 
 
 def view_of(row: Sequence[Any]) -> SessionView:
     """A row of ``fleet_sessions`` back as a view: the admin API's filters and JSON shape work
     on another instance's sessions as on this one's."""
     (instance, session_id, client, user, command, target, resolved, state, started_at,
-     bytes_up, bytes_down, datagrams_up, datagrams_down, protocol, tls, source) = row
+     bytes_up, bytes_down, datagrams_up, datagrams_down, protocol, tls, source, parent) = row
     return SessionView(
         session_id, user, parse_hostport(client), COMMANDS_BY_NAME.get(command),
         None if target is None else parse_hostport(target),
         None if resolved is None else parse_hostport(resolved), protocol, bool(tls), state,
         started_at, bytes_up, bytes_down, datagrams_up, datagrams_down, instance,
-        source=source,
+        source=source, parent=parent,
     )
 
 
@@ -123,7 +128,7 @@ class Directory:
             cur.execute_many("DELETE FROM fleet_instances WHERE instance = ?",
                              [(gone,) for gone in stale])
             cur.execute_many(
-                f"INSERT INTO fleet_sessions ({_COLUMNS}) VALUES ({', '.join('?' * 16)})",
+                f"INSERT INTO fleet_sessions ({_COLUMNS}) VALUES ({', '.join('?' * 17)})",
                 [row_of(instance.id, view) for view in sessions],
             )
 

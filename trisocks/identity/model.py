@@ -13,11 +13,11 @@ from typing import Protocol
 
 import attrs
 
+from trisocks.config.keys import PASSWORD_BACKENDS
+
 __all__ = ["EXTERNAL_SOURCES", "PASSWORD_BACKENDS", "SOURCES", "BackendError", "Identity",
            "LoginRequest", "PasswordBackend", "account_name", "parse_account"]
 
-PASSWORD_BACKENDS = ("store", "pam", "ldap", "http")
-"""What ``password_backends`` may list (RFC 1929 and HTTP Basic logins)."""
 SOURCES = (*PASSWORD_BACKENDS, "gssapi", "tls")
 """Every source an identity may come from."""
 EXTERNAL_SOURCES = tuple(s for s in SOURCES if s != "store")

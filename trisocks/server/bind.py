@@ -32,7 +32,7 @@ from trisocks.server.control import (
     ClientStream,
     announced_address,
     open_local_socket,
-    watch_control,
+    unless_closed,
 )
 from trisocks.server.dial import literal, lookup
 from trisocks.server.errors import reply_for
@@ -124,25 +124,8 @@ async def _wait_for_peer(
         trio.TooSlowError: no acceptable peer within ``bind_timeout``.
         OSError: ``accept`` failed.
     """
-    peer: trio.SocketStream | None = None
-    failure: OSError | trio.TooSlowError | None = None
-    async with trio.open_nursery() as nursery:
-
-        async def watch() -> None:
-            await watch_control(stream, early)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch)
-        try:
-            with trio.fail_after(ctx.config.bind_timeout):
-                peer = await _accept_expected(listener, expected, owned)
-        except (OSError, trio.TooSlowError) as exc:
-            # Raised from here, not from inside the nursery, so it is not wrapped in a group.
-            failure = exc
-        nursery.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    return peer
+    return await unless_closed(stream, early, ctx.config.bind_timeout,
+                               lambda: _accept_expected(listener, expected, owned))
 
 
 async def _accept_expected(

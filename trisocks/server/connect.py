@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import trio
 
+from trisocks.client import SocksStream
 from trisocks.net import address_of, peer_address
+from trisocks.policy.routes import Parent
+from trisocks.policy.rules import IP, Decision
 from trisocks.protocol import Address, Reply, Request
 from trisocks.server.context import ServerContext
 from trisocks.server.control import ClientStream
 from trisocks.server.dial import Denied, dial
 from trisocks.server.errors import reply_for
+from trisocks.server.parents import Rerouted, dial_via
 from trisocks.server.relay import relay_session
 from trisocks.server.replies import send_reply
 from trisocks.sessions import Session
@@ -20,20 +24,58 @@ __all__ = ["dial_target", "handle_connect"]
 HAPPY_EYEBALLS_DELAY = 0.25
 
 
-async def dial_target(session: Session, ctx: ServerContext, target: Address) -> trio.SocketStream:
+async def dial_target(
+    session: Session, ctx: ServerContext, target: Address
+) -> trio.SocketStream | SocksStream:
     """Connect *session* to *target*, judging every address a name resolves to, within the
-    connect timeout (SOCKS and HTTP CONNECT, and HTTP forwarding, alike).
+    connect timeout (SOCKS and HTTP CONNECT, and HTTP forwarding, alike). A route with
+    ``via`` connects through its parents (:mod:`trisocks.server.parents`; a name whose rule
+    hangs on its addresses is resolved and judged here first): the stream is then the
+    connection to the parent.
 
     Raises:
         Denied: a resolved address is denied by the rules.
-        OSError: refused, unreachable, no such name.
+        OSError: refused, unreachable, no such name; through parents also
+            :class:`~trisocks.server.errors.UpstreamReply` (the parent's answer).
         trio.TooSlowError: the connect timeout passed.
     """
     ctx.registry.set_state(session, "connecting")
     with trio.fail_after(ctx.config.connect_timeout):
-        return await dial(
-            target, lambda ips: ctx.judge.deny_resolved(session, ips), HAPPY_EYEBALLS_DELAY
-        )
+        if _via(session, ctx):
+            return await _through_parents(session, ctx, target, None)
+        try:
+            upstream = await dial(
+                target, lambda ips: _judged(session, ctx, ips), HAPPY_EYEBALLS_DELAY,
+                lambda families: ctx.egress.sources(session, ctx.judge.route_of(session),
+                                                    families),
+            )
+        except Rerouted as exc:
+            return await _through_parents(session, ctx, target, exc.ips)
+    ctx.egress.connected(session, ctx.judge.route_of(session), upstream.socket)
+    return upstream
+
+
+def _via(session: Session, ctx: ServerContext) -> tuple[Parent, ...]:
+    route = ctx.judge.route_of(session)
+    return () if route is None else route.via
+
+
+def _judged(session: Session, ctx: ServerContext, ips: list[IP]) -> Decision | None:
+    """Judge a name's addresses; allowed by a rule that routes through parents: Rerouted."""
+    denial = ctx.judge.deny_resolved(session, ips)
+    if denial is None and _via(session, ctx):
+        raise Rerouted(ips)
+    return denial
+
+
+async def _through_parents(
+    session: Session, ctx: ServerContext, target: Address, ips: list[IP] | None
+) -> trio.SocketStream | SocksStream:
+    config = ctx.config
+    return await dial_via(
+        session, _via(session, ctx), target, lambda found: ctx.judge.deny_resolved(session, found),
+        ctx.stats, config.via_timeout, config.via_down_for, ips,
+    )
 
 
 async def handle_connect(
@@ -54,7 +96,8 @@ async def handle_connect(
         await send_reply(stream, session, reply_for(exc))
         return
     try:
-        session.resolved = peer_address(upstream.socket.getpeername())
+        if session.parent is None:  # through a parent, dial_via knows (or not) the address
+            session.resolved = peer_address(upstream.socket.getpeername())
         await send_reply(
             stream, session, Reply.SUCCEEDED, address_of(upstream.socket.getsockname())
         )

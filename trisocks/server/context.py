@@ -16,9 +16,11 @@ from trisocks.identity.build import build_logins
 from trisocks.identity.logins import Logins
 from trisocks.identity.store import Authenticator
 from trisocks.server.admission import Admission
+from trisocks.server.egress import Egress
 from trisocks.server.engines import Engine
 from trisocks.server.judge import Judge
 from trisocks.server.reservations import Reservations
+from trisocks.server.resolver import Resolver
 from trisocks.server.stats import Stats
 from trisocks.server.user_limits import UserLimiter
 from trisocks.sessions import SessionRegistry
@@ -65,6 +67,10 @@ class ServerContext:
     """The password backends' chain (:mod:`trisocks.identity.logins`); a reload that changes
     their keys builds a new one (the old ones wait in ``retired_logins`` to be closed)."""
     retired_logins: list[Logins] = attrs.field(factory=list)
+    resolver: Resolver = attrs.field(init=False)
+    """DST.ADDR names to addresses (:mod:`trisocks.server.resolver`); a reload reconfigures it."""
+    egress: Egress = attrs.field(init=False)
+    """Source addresses of the rules' ``egress`` (:mod:`trisocks.server.egress`)."""
 
     def __attrs_post_init__(self) -> None:
         def config() -> Config:  # the parts read it through this: a reload replaces it
@@ -75,4 +81,6 @@ class ServerContext:
         self.user_limits = UserLimiter(config, self.store, self.accountant, self.stats,
                                        self.registry)
         self.reservations = Reservations(config, self.stats, self.registry)
+        self.resolver = Resolver(self.config)
+        self.egress = Egress(self.registry)
         self.logins = build_logins(self.config, self.authenticator)

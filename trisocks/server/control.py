@@ -3,7 +3,8 @@ opened beside it (BIND, UDP ASSOCIATE), the address announced for one, and watch
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -19,8 +20,11 @@ __all__ = [
     "ClientStream",
     "announced_address",
     "open_local_socket",
+    "unless_closed",
     "watch_control",
 ]
+
+T = TypeVar("T")
 
 CONTROL_BUFFER_LIMIT = 64 * 1024
 """Bytes :func:`watch_control` keeps for later; beyond it, TCP flow control holds the rest."""
@@ -76,3 +80,33 @@ async def watch_control(stream: ClientStream, keep: bytearray | None = None) -> 
         return
     await trio.sleep_forever()
 
+
+async def unless_closed(
+    stream: ClientStream, keep: bytearray, limit: float, wait: Callable[[], Awaitable[T]]
+) -> T | None:
+    """``await wait()`` within *limit* seconds while watching the control connection (BIND's rule 3:
+    the client may give up): its result, or ``None`` if the client closed first. What the
+    client sends meanwhile is kept in *keep* (:func:`watch_control`).
+
+    Raises:
+        trio.TooSlowError: *wait* took longer than *limit*.
+        Exception: what *wait* raised, as it is (not wrapped in an exception group).
+    """
+    result: T | None = None
+    failure: Exception | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            await watch_control(stream, keep)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        try:
+            with trio.fail_after(limit):
+                result = await wait()
+        except Exception as exc:  # raised from here, out of the nursery: not in a group
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return result

@@ -17,20 +17,25 @@ import functools
 import ipaddress
 import itertools
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 import trio
 
 from trisocks.net import ip_of
 from trisocks.policy.addresses import numeric_host, reached
 from trisocks.policy.rules import IP, Decision
 from trisocks.protocol import Address, AddressType
+from trisocks.server import resolver
+from trisocks.server.egress import bind_source
 
-__all__ = ["Denied", "connect_any", "dial", "literal", "lookup", "reach", "resolve"]
+__all__ = ["Denied", "NameCache", "connect_any", "dial", "literal", "lookup", "reach", "resolve"]
 
 Target = tuple[socket.AddressFamily, Any]
 """A family and a socket address to connect to."""
+Sources = Mapping[socket.AddressFamily, IP | None]
+"""The source address to connect from, per family (``None``: the kernel's choice)."""
 
 
 class Denied(Exception):
@@ -84,12 +89,14 @@ def reach(target: Target) -> Target:
 
 
 async def lookup(host: str, port: int | None, type: int) -> list[Any]:
-    """``getaddrinfo`` for a DST.ADDR domain: never raises anything but OSError.
+    """``getaddrinfo`` for a DST.ADDR domain, by the server's resolver (the ``hosts`` table,
+    then ``resolvers`` or the system's: :mod:`trisocks.server.resolver`): never raises
+    anything but OSError.
 
     Raises:
         OSError: the name does not resolve (``socket.gaierror``).
     """
-    return await trio.socket.getaddrinfo(_wire_name(host), port, type=type)
+    return await resolver.current().getaddrinfo(_wire_name(host), port, type)
 
 
 async def resolve(address: Address) -> list[Target]:
@@ -112,14 +119,16 @@ async def resolve(address: Address) -> list[Target]:
     return [t for group in mixed for t in group if t is not None]
 
 
-async def _connect(target: Target) -> trio.socket.SocketType:
-    """One connection attempt; the socket is closed unless it is returned.
+async def _connect(target: Target, source: IP | None = None) -> trio.socket.SocketType:
+    """One connection attempt, from *source* when given (bound first, with FREEBIND:
+    :func:`trisocks.server.egress.bind_source`); the socket is closed unless it is returned.
 
     Raises:
         OSError: the attempt failed.
     """
     sock = trio.socket.socket(target[0], socket.SOCK_STREAM)
     try:
+        await bind_source(sock, source)
         await sock.connect(target[1])
     except BaseException:
         sock.close()
@@ -127,9 +136,12 @@ async def _connect(target: Target) -> trio.socket.SocketType:
     return sock
 
 
-async def connect_any(targets: list[Target], delay: float) -> trio.SocketStream:
+async def connect_any(
+    targets: list[Target], delay: float, sources: Sources | None = None
+) -> trio.SocketStream:
     """Connect to the first of *targets* that answers, starting one attempt every *delay*
-    seconds or as soon as the previous one failed; the losers are closed.
+    seconds or as soon as the previous one failed; the losers are closed. *sources*: the
+    source address per family (:mod:`trisocks.server.egress`); none: the kernel's choice.
 
     A single target (an IP literal, or a name with one address) is connected to directly:
     no nursery and no task, which is most of what a CONNECT costs the server.
@@ -139,14 +151,14 @@ async def connect_any(targets: list[Target], delay: float) -> trio.SocketStream:
         are in ``__cause__`` (see :func:`trisocks.server.errors.reply_for`).
     """
     if len(targets) == 1:
-        return trio.SocketStream(await _connect(targets[0]))
+        return trio.SocketStream(await _connect(targets[0], (sources or {}).get(targets[0][0])))
     winner: trio.socket.SocketType | None = None
     errors: list[OSError] = []
 
     async def attempt(target: Target, failed: trio.Event) -> None:
         nonlocal winner
         try:
-            sock = await _connect(target)
+            sock = await _connect(target, (sources or {}).get(target[0]))
         except OSError as exc:
             errors.append(exc)
             failed.set()
@@ -171,17 +183,62 @@ async def connect_any(targets: list[Target], delay: float) -> trio.SocketStream:
 
 
 async def dial(
-    address: Address, judge: Callable[[list[IP]], Decision | None], delay: float
+    address: Address,
+    judge: Callable[[list[IP]], Decision | None],
+    delay: float,
+    egress: Callable[[list[socket.AddressFamily]], Sources | None] | None = None,
 ) -> trio.SocketStream:
     """Resolve *address*, let *judge* see every IP (a Decision return is a deny), connect to
-    them as the kernel reaches them (:func:`reach`; the rules judge that form too).
+    them as the kernel reaches them (:func:`reach`; the rules judge that form too). *egress*,
+    called once judged with the targets' families, gives the source per family (``None``:
+    the kernel's choice for all); a family it leaves out is not tried
+    (:meth:`trisocks.server.egress.Egress.sources`).
 
     Raises:
         Denied: an address is denied.
-        OSError: resolving or connecting failed.
+        OSError: resolving or connecting failed (``NoEgress``: no source of any family).
     """
     targets = await resolve(address)
     denial = judge([ip_of(t[1][0]) for t in targets])
     if denial is not None:
         raise Denied(denial)
-    return await connect_any(list(dict.fromkeys(reach(t) for t in targets)), delay)
+    reached = list(dict.fromkeys(reach(t) for t in targets))
+    sources = None if egress is None else egress([t[0] for t in reached])
+    if sources is None:
+        return await connect_any(reached, delay)
+    return await connect_any([t for t in reached if t[0] in sources], delay, sources)
+
+
+@attrs.define
+class NameCache:
+    """Domain targets resolved with ``getaddrinfo`` and kept ``ttl`` seconds (the system
+    resolver does not tell us the real TTL). Holds at most ``size`` names, oldest out first.
+    With ``resolvers`` configured the server's resolver keeps each answer for its real TTL,
+    so nothing is kept here (:attr:`trisocks.server.resolver.Resolver.keeps_ttls`)."""
+
+    ttl: float = 60.0
+    size: int = 256
+    _entries: dict[str, tuple[float, Any]] = attrs.Factory(dict)
+
+    async def resolve(self, host: str, port: int) -> tuple[socket.AddressFamily, Any]:
+        """The family and socket address to send to for *host*:*port* (the first address the
+        system prefers).
+
+        Raises:
+            OSError: the name does not resolve (``socket.gaierror``).
+        """
+        if resolver.current().keeps_ttls:
+            infos = await lookup(host, 0, socket.SOCK_DGRAM)
+            family, _type, _proto, _name, sockaddr = infos[0]
+            return family, (sockaddr[0], port, *sockaddr[2:])
+        now = trio.current_time()
+        cached = self._entries.get(host)
+        if cached is None or cached[0] <= now:
+            infos = await lookup(host, 0, socket.SOCK_DGRAM)
+            family, _type, _proto, _name, sockaddr = infos[0]
+            self._entries.pop(host, None)
+            if len(self._entries) >= self.size:
+                del self._entries[next(iter(self._entries))]
+            cached = self._entries[host] = (now + self.ttl, (family, sockaddr))
+        family, sockaddr = cached[1]
+        return family, (sockaddr[0], port, *sockaddr[2:])

@@ -9,7 +9,16 @@ import trio
 
 from trisocks.protocol import Reply
 
-__all__ = ["reply_for"]
+__all__ = ["UpstreamReply", "reply_for"]
+
+
+class UpstreamReply(OSError):
+    """A ``via`` parent's answer for the target (a SOCKS REP, or an HTTP status mapped to
+    one): what the client gets (:mod:`trisocks.server.parents`)."""
+
+    def __init__(self, reply: int, message: str) -> None:
+        super().__init__(message)
+        self.reply = reply
 
 _ERRNO_REPLY = {
     errno.ECONNREFUSED: Reply.CONNECTION_REFUSED,
@@ -36,6 +45,11 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 def reply_for(exc: BaseException) -> Reply:
     """The reply a client should get for a failed outbound connect or bind."""
+    if isinstance(exc, UpstreamReply):
+        try:
+            return Reply(exc.reply)
+        except ValueError:
+            return Reply.GENERAL_FAILURE
     if isinstance(exc, trio.TooSlowError):
         return Reply.TTL_EXPIRED
     if isinstance(exc, socket.gaierror):

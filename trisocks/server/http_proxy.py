@@ -34,6 +34,7 @@ import socket
 import h11
 import trio
 
+from trisocks.client import SocksStream
 from trisocks.identity.model import Identity, parse_account
 from trisocks.logs import quote
 from trisocks.net import peer_address
@@ -176,7 +177,9 @@ def _open(session: Session, ctx: ServerContext, ip: IP, address: Address) -> Non
         raise HttpError(403, refusal)
 
 
-async def _dial(session: Session, ctx: ServerContext, address: Address) -> trio.SocketStream:
+async def _dial(
+    session: Session, ctx: ServerContext, address: Address
+) -> trio.SocketStream | SocksStream:
     """Connect to *address* like a SOCKS5 CONNECT does.
 
     Raises:
@@ -196,7 +199,8 @@ async def _dial(session: Session, ctx: ServerContext, address: Address) -> trio.
         detail = "name does not resolve" if isinstance(exc, socket.gaierror) else str(exc)
         raise HttpError(502, f"connect failed: {detail}") from None
     try:
-        session.resolved = peer_address(upstream.socket.getpeername())
+        if session.parent is None:  # through a parent, dial_via knows (or not) the address
+            session.resolved = peer_address(upstream.socket.getpeername())
     except OSError as exc:
         upstream.socket.close()
         session.reply = Reply.GENERAL_FAILURE
@@ -297,7 +301,7 @@ async def _forward(
                 counters.bytes_down += len(data)
                 if down_throttle is not None:
                     await down_throttle(len(data))
-                origin.receive_data(data)
+                origin.receive_data(bytes(data))
             elif isinstance(event, h11.InformationalResponse):
                 continue  # 1xx: ours (100) was sent already; Upgrade is not forwarded
             elif isinstance(event, h11.Response):

@@ -301,7 +301,7 @@ def _ragged_eof(exc: trio.BrokenResourceError) -> bool:
 
 async def relay(
     client: trio.abc.Stream,
-    upstream: trio.SocketStream,
+    upstream: trio.abc.Stream,
     counters: Counters,
     engine: Engine,
     idle_timeout: float,
@@ -310,10 +310,11 @@ async def relay(
     """Relay until both directions have seen EOF, the idle timeout passes, or a side fails.
 
     *throttles* (up, down) hold a direction to a rate (per-user limits). A client stream that
-    is not a plain socket cannot be moved by file descriptor: it goes through
-    :func:`relay_streams`, whatever *engine* is.
+    is not a plain socket, nor an upstream (a ``via`` parent's stream holding early bytes),
+    cannot be moved by file descriptor: it goes through :func:`relay_streams`, whatever
+    *engine* is.
     Returns how the relay ended, as a close reason (see the module docstring)."""
-    if not isinstance(client, trio.SocketStream):
+    if not isinstance(client, trio.SocketStream) or not isinstance(upstream, trio.SocketStream):
         return await relay_streams(client, upstream, counters, idle_timeout, throttles)
     async with trio.open_nursery() as nursery:
         state = _Relay(counters, idle_timeout, nursery, client, upstream)
@@ -343,7 +344,7 @@ async def relay_streams(
 
 async def relay_session(
     stream: trio.abc.Stream,
-    upstream: trio.SocketStream,
+    upstream: trio.abc.Stream,
     leftover: bytes,
     session: Session,
     ctx: ServerContext,

@@ -25,6 +25,7 @@ import attrs
 from trisocks.config import ConfigError
 from trisocks.identity.build import IDENTITY_KEYS, build_logins
 from trisocks.logs import quote
+from trisocks.server.egress import check_egress
 from trisocks.server.revocation import revoke_disallowed
 from trisocks.tls import server_context
 
@@ -62,6 +63,8 @@ def reload_config(ctx: ServerContext) -> dict[str, Any]:
         log.warning("reload: %s changed; that takes a restart", ", ".join(restart))
     try:  # the files may have changed since load_config checked them
         tls_context = server_context(new)
+        for problem in check_egress(new)[:1]:  # the new rules' source addresses, on this host
+            raise ConfigError(problem)
     except ConfigError as exc:
         ctx.stats.reloads["failed"] += 1
         log.error("reload rejected, keeping the running config: %s", exc)
@@ -70,6 +73,7 @@ def reload_config(ctx: ServerContext) -> dict[str, Any]:
     ctx.tls_context = tls_context  # new handshakes; live sessions keep the one they had
     ctx.admission.configure(ctx.config)  # the other parts read ctx.config as they go
     ctx.judge.read_local_addresses()
+    ctx.resolver.configure(ctx.config)  # new lookups; answers kept unless the servers changed
     orphans: list[str] = []
     if any(getattr(new, k) != getattr(old, k) for k in IDENTITY_KEYS):
         retired = ctx.logins

@@ -23,6 +23,7 @@ from trisocks.fleet.node import FleetNode, fleet_enabled
 from trisocks.fleet.workers import worker_index
 from trisocks.identity.store import Authenticator
 from trisocks.net import format_sockaddr
+from trisocks.server import resolver
 from trisocks.server.context import ServerContext
 from trisocks.server.engines import make_engine
 from trisocks.server.listeners import open_listeners
@@ -131,9 +132,11 @@ async def serve(
     ``config.shutdown_grace`` seconds, then are cancelled; accounting is flushed last.
     """
     ctx = build_context(config, store)
+    token = resolver.CURRENT.set(ctx.resolver)  # this server's tasks look names up with it
     try:
         await _run(ctx, admin, task_status=task_status)
     finally:
+        resolver.CURRENT.reset(token)
         await _close_logins(ctx)
 
 

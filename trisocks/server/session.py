@@ -21,7 +21,6 @@ from trisocks.policy.rules import IP
 from trisocks.protocol import Address, Command, Reply, Request
 from trisocks.protocol.proxy import ProxyProtocolError
 from trisocks.server.admission import HandshakeEvicted
-from trisocks.server.bind import handle_bind
 from trisocks.server.connect import handle_connect
 from trisocks.server.context import ServerContext
 from trisocks.server.control import ClientStream
@@ -30,10 +29,10 @@ from trisocks.server.handshake import HandshakeFailed, handshake
 from trisocks.server.judge import open_request
 from trisocks.server.listeners import receive_proxy_header
 from trisocks.server.logins import identify
+from trisocks.server.parent_commands import handle_bind_routed, handle_udp_routed
 from trisocks.server.replies import send_reply
 from trisocks.server.resolve import handle_resolve
 from trisocks.server.socks4 import socks4_handshake
-from trisocks.server.udp import handle_udp_associate
 from trisocks.sessions import COMMAND_NAMES, Session, SessionView
 from trisocks.tls import certificate_user
 
@@ -245,8 +244,8 @@ async def serve_request(
 
 HANDLERS = {
     Command.CONNECT: handle_connect,
-    Command.BIND: handle_bind,
-    Command.UDP_ASSOCIATE: handle_udp_associate,
+    Command.BIND: handle_bind_routed,
+    Command.UDP_ASSOCIATE: handle_udp_routed,
     Command.RESOLVE: handle_resolve,
     Command.RESOLVE_PTR: handle_resolve,
 }
@@ -275,7 +274,7 @@ def _log_session(ctx: ServerContext, session: Session, duration: float) -> None:
     ctx.stats.protocols[view.protocol] += 1
     record = log_record(view, duration)
     ctx.access_log.info(
-        "%s user=%s %s %s reply=%s rule=%s up=%d down=%d duration=%.3fs protocol=%s%s%s%s",
+        "%s user=%s %s %s reply=%s rule=%s up=%d down=%d duration=%.3fs protocol=%s%s%s%s%s%s",
         quote(record["client"]),  # every value a client (or an operator) chose is quoted
         quote(view.user),
         quote(record["command"]),
@@ -287,6 +286,8 @@ def _log_session(ctx: ServerContext, session: Session, duration: float) -> None:
         duration,
         view.protocol,
         " tls=yes" if view.tls else "",
+        f" parent={quote(view.parent)}" if view.parent is not None else "",
+        f" egress={view.egress}" if view.egress is not None else "",
         f" userid={quote(view.userid)}" if view.userid is not None else "",
         f" reason={quote(view.close_reason)}" if view.close_reason else "",
         extra={"session": record},

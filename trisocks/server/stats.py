@@ -43,3 +43,9 @@ class Stats:
     """Requests and UDP datagrams denied, by rule id."""
     reloads: collections.Counter[str] = attrs.field(factory=collections.Counter)
     """Config reloads by outcome: ok, failed."""
+    parent_sessions: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """Connections made through a ``via`` parent, by its label (``socks5://host:port``)."""
+    parent_failures: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """``via`` parents skipped because they failed, by label (:mod:`trisocks.server.parents`)."""
+    parents_down: dict[str, float] = attrs.field(factory=dict)
+    """Parents marked down, by label: the trio time until which they are skipped."""

@@ -33,6 +33,7 @@ import trio
 
 from trisocks.gss.stream import GssStream
 from trisocks.net import ip_of
+from trisocks.policy.routes import Route
 from trisocks.protocol import (
     Address,
     AddressType,
@@ -51,12 +52,13 @@ from trisocks.server.control import (
     open_local_socket,
     watch_control,
 )
-from trisocks.server.dial import literal, lookup, reach
+from trisocks.server.dial import NameCache, literal, reach
+from trisocks.server.egress import has_egress
 from trisocks.server.errors import reply_for
 from trisocks.server.replies import send_reply
 from trisocks.sessions import Session
 
-__all__ = ["FragmentQueue", "NameCache", "handle_udp_associate"]
+__all__ = ["FragmentQueue", "handle_udp_associate", "serve_association"]
 
 T = TypeVar("T")
 
@@ -81,6 +83,16 @@ async def handle_udp_associate(
     if refusal is not None:
         await send_reply(stream, session, refusal)
         return
+    await serve_association(stream, session, request, ctx, Association)
+
+
+async def serve_association(
+    stream: ClientStream, session: Session, request: Request, ctx: ServerContext,
+    make: Callable[..., Association],
+) -> None:
+    """Open the relay socket beside the control connection, reply with its address, and run
+    the association *make* builds (``make(ctx, session, relay_socket, client, gss)``: direct,
+    or through a parent) until the end."""
     try:
         relay_socket = await open_local_socket(stream, socket.SOCK_DGRAM)
     except OSError as exc:
@@ -92,7 +104,7 @@ async def handle_udp_associate(
         # datagrams come from the real client, which only the header named.
         client = ClientFilter(session.client_ip, request.address.port or None)
         gss = stream if isinstance(stream, GssStream) else None
-        association = Association(ctx, session, relay_socket, client, gss)
+        association = make(ctx, session, relay_socket, client, gss)
         bound = announced_address(ctx, relay_socket.getsockname())
         await send_reply(stream, session, Reply.SUCCEEDED, bound)
         ctx.registry.set_state(session, "relaying")
@@ -153,35 +165,6 @@ class FragmentQueue:
                 self.stats.udp_dropped["fragment"] += pending
 
 
-@attrs.define
-class NameCache:
-    """Domain targets resolved with ``getaddrinfo`` and kept ``ttl`` seconds (the system
-    resolver does not tell us the real TTL). Holds at most ``size`` names, oldest out first."""
-
-    ttl: float = 60.0
-    size: int = 256
-    _entries: dict[str, tuple[float, Any]] = attrs.Factory(dict)
-
-    async def resolve(self, host: str, port: int) -> tuple[socket.AddressFamily, Any]:
-        """The family and socket address to send to for *host*:*port* (the first address the
-        system prefers).
-
-        Raises:
-            OSError: the name does not resolve (``socket.gaierror``).
-        """
-        now = trio.current_time()
-        cached = self._entries.get(host)
-        if cached is None or cached[0] <= now:
-            infos = await lookup(host, 0, socket.SOCK_DGRAM)
-            family, _type, _proto, _name, sockaddr = infos[0]
-            self._entries.pop(host, None)
-            if len(self._entries) >= self.size:
-                del self._entries[next(iter(self._entries))]
-            cached = self._entries[host] = (now + self.ttl, (family, sockaddr))
-        family, sockaddr = cached[1]
-        return family, (sockaddr[0], port, *sockaddr[2:])
-
-
 def sockaddr_for(address: Address) -> tuple[socket.AddressFamily, Any]:
     """The family and socket address of an IP literal Address."""
     if ":" in address.host:
@@ -221,6 +204,8 @@ class Association:
     _targets: dict[Endpoint, None] = attrs.Factory(dict)
     """Rule 2's memory, oldest first (a dict keeps insertion order)."""
     _outbound: trio.socket.SocketType | None = None
+    _by_family: dict[socket.AddressFamily, trio.socket.SocketType] = attrs.Factory(dict)
+    """With ``egress``: one outbound socket per family, each bound to its source."""
     _idle: trio.CancelScope = attrs.Factory(trio.CancelScope)
     _allowed: Callable[[str | None, Any, int], bool] = attrs.field(init=False)
     """The access rules, per datagram target (:meth:`Judge.datagram_check`)."""
@@ -308,7 +293,7 @@ class Association:
             return
         family, sockaddr = reach((family, sockaddr))  # the form judged too: 0.0.0.0 is 127.0.0.1
         try:
-            outbound = await self._outbound_socket(nursery, sockets)
+            outbound = await self._outbound_socket(nursery, sockets, family)
             if outbound.family == socket.AF_INET6 and family == socket.AF_INET:
                 sockaddr = ("::ffff:" + sockaddr[0], sockaddr[1], 0, 0)
             await outbound.sendto(data, sockaddr)
@@ -328,14 +313,20 @@ class Association:
         self._targets[key] = None
 
     async def _outbound_socket(
-        self, nursery: trio.Nursery, sockets: contextlib.ExitStack
+        self, nursery: trio.Nursery, sockets: contextlib.ExitStack, family: socket.AddressFamily
     ) -> trio.socket.SocketType:
         """The outbound socket, made (and its receive task started) on first use: dual-stack,
-        or IPv4 only on a host without IPv6 (then IPv6 targets are unreachable).
+        or IPv4 only on a host without IPv6 (then IPv6 targets are unreachable). When the
+        session's rule gives ``egress``, one socket per *family* instead, bound to that
+        family's source (:meth:`trisocks.server.egress.Egress.source`, kept for the
+        association).
 
         Raises:
-            OSError: no socket could be made or bound.
+            OSError: no socket could be made or bound (``NoEgress``: no source of *family*).
         """
+        route = self.ctx.judge.route_of(self.session)
+        if has_egress(route):
+            return await self._egress_socket(nursery, sockets, family, route)
         outbound = self._outbound
         if outbound is None:
             try:
@@ -344,6 +335,20 @@ class Association:
                 outbound = await _bound_udp_socket(socket.AF_INET)
             sockets.enter_context(outbound)  # no checkpoint since it was made
             self._outbound = outbound
+            receive = functools.partial(self._from_targets, outbound)
+            nursery.start_soon(self._until_failure, nursery, receive)
+        return outbound
+
+    async def _egress_socket(
+        self, nursery: trio.Nursery, sockets: contextlib.ExitStack,
+        family: socket.AddressFamily, route: Route | None,
+    ) -> trio.socket.SocketType:
+        """The outbound socket of *family* bound to the rule's source for it."""
+        outbound = self._by_family.get(family)
+        if outbound is None:
+            outbound = await self.ctx.egress.udp_socket(self.session, route, family)
+            sockets.enter_context(outbound)  # no checkpoint since it was made
+            self._by_family[family] = outbound
             receive = functools.partial(self._from_targets, outbound)
             nursery.start_soon(self._until_failure, nursery, receive)
         return outbound
