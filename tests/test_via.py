@@ -369,8 +369,35 @@ def test_check_refuses_bind_and_udp_through_http_parents_only() -> None:
     build_config({"rules": [{**http, "commands": ["connect"]}]}, {})
     build_config({"rules": [{**http, "via": ["http://10.0.0.3:3128",
                                              "socks5://10.0.0.2:1080"]}]}, {})
-    with pytest.raises(ConfigError, match="egress and via together are not supported"):
-        build_config({"rules": [{**http, "commands": ["connect"], "egress": "127.0.0.2"}]}, {})
+    # egress with via: CONNECT reaches the parent from the egress address; UDP and BIND do
+    # not yet, so a rule that could carry them is refused rather than ignoring its egress
+    socks = {"id": "up", "action": "allow", "via": ["socks5://10.0.0.2:1080"],
+             "egress": "127.0.0.2"}
+    build_config({"rules": [{**socks, "commands": ["connect"]}]}, {})
+    for commands, left in ((None, "bind and udp"), (["connect", "bind"], "bind")):
+        rule = {**socks, **({"commands": commands} if commands else {})}
+        with pytest.raises(ConfigError, match=f"egress with via applies to connect only "
+                                              f"\\({left} would"):
+            build_config({"rules": [rule]}, {})
+
+
+async def test_the_parent_is_reached_from_the_egress_address(
+    start_proxy: StartProxy, echo_server: tuple[str, int]
+) -> None:
+    parent = await start_proxy()
+    sources: list[str] = []
+    parent.ctx.registry.add_listener(
+        lambda event, s: sources.append(s.client.host) if event == "start" else None)
+    child = await start_proxy(rules=via_rules(parent_url(parent, "socks5h"), egress="127.0.0.2"))
+    ended: list[dict[str, Any]] = []
+    child.ctx.registry.add_listener(
+        lambda event, s: ended.append(session_json(s.view())) if event == "end" else None)
+    with trio.fail_after(10):
+        await echo_via(child, *echo_server)
+        await eventually(lambda: ended)
+    assert sources == ["127.0.0.2"]  # the parent saw the child connect from its egress
+    assert (ended[0]["egress"], ended[0]["parent"]) == (
+        "127.0.0.2", f"socks5h://127.0.0.1:{parent.port}")
 
 
 # --- Other servers as parents -----------------------------------------------------------------

@@ -3,16 +3,20 @@ relay."""
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterable
+
 import trio
 
 from trisocks.client import SocksStream
-from trisocks.net import address_of, peer_address
+from trisocks.net import address_of, peer_address, socket_of
 from trisocks.policy.routes import Parent
 from trisocks.policy.rules import IP, Decision
 from trisocks.protocol import Address, Reply, Request
 from trisocks.server.context import ServerContext
 from trisocks.server.control import ClientStream
-from trisocks.server.dial import Denied, dial
+from trisocks.server.dial import Denied, Sources, dial
+from trisocks.server.egress import has_egress
 from trisocks.server.errors import reply_for
 from trisocks.server.parents import Rerouted, dial_via
 from trisocks.server.relay import relay_session
@@ -71,11 +75,19 @@ def _judged(session: Session, ctx: ServerContext, ips: list[IP]) -> Decision | N
 async def _through_parents(
     session: Session, ctx: ServerContext, target: Address, ips: list[IP] | None
 ) -> trio.SocketStream | SocksStream:
-    config = ctx.config
-    return await dial_via(
+    config, route = ctx.config, ctx.judge.route_of(session)
+    sources_for = None
+    if has_egress(route):  # the connection to the parent leaves from the egress address
+
+        def sources_for(families: Iterable[socket.AddressFamily]) -> Sources | None:
+            return ctx.egress.sources(session, route, families)
+
+    upstream = await dial_via(
         session, _via(session, ctx), target, lambda found: ctx.judge.deny_resolved(session, found),
-        ctx.stats, config.via_timeout, config.via_down_for, ips,
+        ctx.stats, config.via_timeout, config.via_down_for, ips, sources_for,
     )
+    ctx.egress.connected(session, route, socket_of(upstream))
+    return upstream
 
 
 async def handle_connect(

@@ -34,19 +34,20 @@ from __future__ import annotations
 
 import base64
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import h11
 import trio
 
 from trisocks.client import SocksAuthError, SocksProtocolError, SocksReplyError, SocksStream
-from trisocks.client.handshake import connect_control
+from trisocks.client.handshake import Control, closed_on_error
 from trisocks.net import ip_of
 from trisocks.policy.addresses import reached
 from trisocks.policy.routes import Parent
 from trisocks.policy.rules import IP, Decision
 from trisocks.protocol import Address, AddressType, Command, Reply
-from trisocks.server.dial import Denied, reach, resolve
+from trisocks.server.dial import Denied, Sources, connect_any, reach, resolve
+from trisocks.server.egress import NoEgress
 from trisocks.server.errors import UpstreamReply
 from trisocks.server.stats import Stats
 from trisocks.sessions import Session
@@ -97,14 +98,40 @@ def pick_order(via: Sequence[Parent], stats: Stats, now: float) -> list[Parent]:
     return up or list(via)
 
 
+PARENT_EYEBALLS_DELAY = 0.25
+"""Seconds before the next address of a parent is tried (RFC 8305), with egress."""
+SourcesFor = Callable[[Iterable[socket.AddressFamily]], Sources | None]
+"""The rule's egress source per family of the parent's addresses (``None``: no egress)."""
+
+
+async def _reach(parent: Parent, sources_for: SourcesFor | None) -> trio.SocketStream:
+    """A TCP connection to *parent*, from the rule's egress address when it has one.
+
+    Raises:
+        OSError: the parent cannot be reached (``NoEgress``: no source of its family).
+    """
+    if sources_for is None:
+        return await trio.open_tcp_stream(parent.host, parent.port)
+    targets = await resolve(Address.of(parent.host, parent.port))
+    sources = sources_for(family for family, _ in targets)
+    if sources is not None:
+        targets = [t for t in targets if t[0] in sources]
+    return await connect_any(targets, PARENT_EYEBALLS_DELAY, sources)
+
+
 async def _socks(
-    parent: Parent, target: Address, via_timeout: float
+    parent: Parent, target: Address, via_timeout: float, sources_for: SourcesFor | None = None
 ) -> trio.SocketStream | SocksStream:
     password = read_password(parent)
     auth = None if parent.user is None else (parent.user, password or "")
     try:
         with trio.fail_after(via_timeout):
-            control = await connect_control((parent.host, parent.port), auth)
+            stream = await _reach(parent, sources_for)
+            control = Control(stream)
+            async with closed_on_error(stream):
+                await control.negotiate(auth)
+    except NoEgress:
+        raise  # the rule's doing, not the parent's: REP 03, the parent stays up
     except (OSError, trio.TooSlowError, SocksAuthError, SocksProtocolError) as exc:
         raise ParentFailed(str(exc) or type(exc).__name__) from None
     try:
@@ -153,12 +180,14 @@ def _http_request(parent: Parent, target: Address) -> h11.Request:
 
 
 async def _http(
-    parent: Parent, target: Address, via_timeout: float
+    parent: Parent, target: Address, via_timeout: float, sources_for: SourcesFor | None = None
 ) -> trio.SocketStream | SocksStream:
     request = _http_request(parent, target)
     try:
         with trio.fail_after(via_timeout):
-            stream = await trio.open_tcp_stream(parent.host, parent.port)
+            stream = await _reach(parent, sources_for)
+    except NoEgress:
+        raise
     except (OSError, trio.TooSlowError) as exc:
         raise ParentFailed(str(exc) or type(exc).__name__) from None
     try:
@@ -223,10 +252,11 @@ async def _asked(
 async def dial_via(
     session: Session, via: Sequence[Parent], target: Address,
     judge: Callable[[list[IP]], Decision | None], stats: Stats, via_timeout: float,
-    down_for: float, ips: list[IP] | None = None,
+    down_for: float, ips: list[IP] | None = None, sources_for: SourcesFor | None = None,
 ) -> trio.SocketStream | SocksStream:
     """Connect to *target* through the first of *via* that works (module docstring); *judge*
-    sees the addresses of a name resolved here, *ips* are a name's addresses judged already.
+    sees the addresses of a name resolved here, *ips* are a name's addresses judged already;
+    *sources_for* gives the rule's egress addresses for the connection to the parent.
 
     Raises:
         Denied: a resolved address is denied.
@@ -241,9 +271,9 @@ async def dial_via(
         asked, resolved = asked_by_kind[parent.resolves_names]
         try:
             if parent.scheme == "http":
-                stream = await _http(parent, asked, via_timeout)
+                stream = await _http(parent, asked, via_timeout, sources_for)
             else:
-                stream = await _socks(parent, asked, via_timeout)
+                stream = await _socks(parent, asked, via_timeout, sources_for)
         except ParentFailed as exc:
             stats.parent_failures[parent.label] += 1
             stats.parents_down[parent.label] = trio.current_time() + down_for
