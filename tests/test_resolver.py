@@ -42,11 +42,13 @@ class FakeDns:
     """A DNS server on 127.0.0.1 (UDP and TCP on one port) answering from ``records``
     (name -> (addresses, TTL)); other names are NXDOMAIN, with an SOA whose minimum is
     ``negative_ttl``. Names in ``truncate`` get a truncated UDP answer (TC, nothing in it)
-    and the real one over TCP. ``asked`` counts (name, type, "udp"/"tcp")."""
+    and the real one over TCP. ``pointers`` answer PTR questions (reverse name -> (name,
+    TTL)). ``asked`` counts (name, type, "udp"/"tcp")."""
 
     port: int = 0
     records: dict[str, tuple[list[str], int]] = attrs.Factory(dict)
     truncate: set[str] = attrs.Factory(set)
+    pointers: dict[str, tuple[str, int]] = attrs.Factory(dict)
     negative_ttl: int = 60
     asked: Counter[tuple[str, str, str]] = attrs.Factory(Counter)
 
@@ -63,6 +65,11 @@ class FakeDns:
         response = dns.message.make_response(query)
         soa = dns.rrset.from_text(ZONE, self.negative_ttl, "IN", "SOA",
                                   f"ns.{ZONE} admin.{ZONE} 1 60 60 60 {self.negative_ttl}")
+        if kind == "PTR" and name in self.pointers:
+            target, ttl = self.pointers[name]
+            response.answer.append(dns.rrset.from_text(question.name, ttl, "IN", "PTR",
+                                                       target + "."))
+            return response.to_wire()
         if name not in self.records:
             response.set_rcode(dns.rcode.NXDOMAIN)
             response.authority.append(soa)
@@ -100,12 +107,20 @@ class FakeDns:
 @pytest.fixture
 async def fake_dns(nursery: trio.Nursery) -> FakeDns:
     server = FakeDns()
-    udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    await udp.bind(("127.0.0.1", 0))
-    server.port = udp.getsockname()[1]
-    tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    await tcp.bind(("127.0.0.1", server.port))
+    for _ in range(50):  # a UDP port whose TCP twin is free too (another test may hold it)
+        udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await udp.bind(("127.0.0.1", 0))
+        server.port = udp.getsockname()[1]
+        tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            await tcp.bind(("127.0.0.1", server.port))
+            break
+        except OSError:
+            tcp.close()
+            udp.close()
+    else:
+        pytest.fail("no port free for both UDP and TCP in 50 tries")
     tcp.listen(16)
     nursery.start_soon(server.serve_udp, udp)
     nursery.start_soon(trio.serve_listeners, server.serve_tcp, [trio.SocketListener(tcp)])
@@ -272,6 +287,29 @@ async def test_udp_datagrams_to_a_name_follow_its_ttl(
                 await client.sendto(header(name, echo[1]) + b"dgram", relay)
                 assert (await client.recvfrom(65536))[0].endswith(b"dgram")
                 assert fake_dns.count("udp-short.example") == 4
+
+
+async def test_tor_resolve_ptr_uses_hosts_then_the_resolver(
+    start_proxy: Callable[..., Any], fake_dns: FakeDns
+) -> None:
+    fake_dns.pointers["9.0.0.127.in-addr.arpa"] = ("ptr-only.example", 300)
+    proxy = await start_proxy(**using(fake_dns, hosts=(("pinned.example", ("127.0.0.8",)),)))
+
+    async def reverse(ip: str) -> tuple[int, bytes]:
+        stream = await proxy.open_raw()
+        async with stream:
+            await socks_handshake(stream, None)
+            await stream.send_all(connect_request(ip, 0, cmd=0xF1))
+            rep, address, _ = await read_reply(stream)
+        return rep, address
+
+    with trio.fail_after(10):
+        assert await reverse("127.0.0.9") == (0, b"\x03\x10ptr-only.example")
+        assert await reverse("127.0.0.9") == (0, b"\x03\x10ptr-only.example")
+        assert fake_dns.count("9.0.0.127.in-addr.arpa") == 1  # kept for its TTL
+        assert await reverse("127.0.0.8") == (0, b"\x03\x0epinned.example")  # hosts first
+        assert fake_dns.count("8.0.0.127.in-addr.arpa") == 0
+        assert (await reverse("127.0.0.7"))[0] == 4  # NXDOMAIN: host unreachable
 
 
 async def test_tor_resolve_uses_the_resolver(

@@ -10,12 +10,11 @@ the request's address) and answers it as a DOMAINNAME (SOCKS5 only).
 
 from __future__ import annotations
 
-import socket
-
 import trio
 
 from trisocks.net import ip_of
 from trisocks.protocol import Address, AddressType, Command, Reply, Request
+from trisocks.server import resolver
 from trisocks.server.context import ServerContext
 from trisocks.server.control import ClientStream
 from trisocks.server.dial import literal, resolve
@@ -70,7 +69,7 @@ async def _reverse(address: Address) -> Address | Reply:
     address = literal(address)
     if address.atyp == AddressType.DOMAIN:
         return Reply.ADDRESS_TYPE_NOT_SUPPORTED  # RESOLVE_PTR takes an address
-    host, _ = await trio.socket.getnameinfo((address.host, 0), socket.NI_NAMEREQD)
+    host = await resolver.current().reverse(address.host)
     name = host.encode("idna") if not host.isascii() else host.encode()
     if not 1 <= len(name) <= 255:
         return Reply.HOST_UNREACHABLE

@@ -32,6 +32,7 @@ import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+import dns.reversename
 import trio
 
 from trisocks.policy.addresses import numeric_host
@@ -123,6 +124,56 @@ class Resolver:
                 return await trio.socket.getaddrinfo(name, port, type=type)
             ips = await self._addresses(name)
         return _infos(ips, port or 0, type)
+
+    async def reverse(self, ip: str) -> str:
+        """The name of *ip* (Tor's RESOLVE_PTR): from ``hosts`` first (the first name that
+        lists it), then a PTR query at ``resolvers`` (cached for its TTL), else the system's
+        ``getnameinfo``.
+
+        Raises:
+            socket.gaierror: no name, or no server answered in time.
+        """
+        for name, ips in self._hosts.items():
+            if ip in ips:
+                return name.decode("ascii")
+        if self._dns is None:
+            host, _ = await trio.socket.getnameinfo((ip, 0), socket.NI_NAMEREQD)
+            return str(host)
+        key = b"\x00ptr " + ip.encode()  # no name can spell this: a key of its own
+        now = trio.current_time()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > now:
+            self._cache.move_to_end(key)
+            result = cached[1]
+        else:
+            result, ttl = (socket.EAI_AGAIN, 0.0)
+            with trio.move_on_after(self._timeout):
+                result, ttl = await self._ptr(ip)
+            if ttl > 0 and self._cache_size:
+                self._cache[key] = (trio.current_time() + ttl, result)
+                self._trim()
+        if isinstance(result, int):
+            raise socket.gaierror(result, f"{ip}: {_MESSAGES[result]}")
+        return result[0]
+
+    async def _ptr(self, ip: str) -> tuple[Result, float]:
+        assert self._dns is not None
+        self.queries += 1
+        try:
+            answer = await self._dns.resolve(dns.reversename.from_address(ip), "PTR",
+                                             raise_on_no_answer=False, search=False,
+                                             lifetime=self._timeout,
+                                             backend=dns.asyncbackend.get_backend("trio"))
+        except dns.resolver.NXDOMAIN as exc:
+            responses = exc.responses()  # type: ignore[no-untyped-call]
+            return socket.EAI_NONAME, _negative_ttl(next(iter(responses.values()), None))
+        except dns.exception.DNSException:
+            return socket.EAI_AGAIN, 0.0
+        ttl = float(answer.chaining_result.minimum_ttl)
+        if answer.rrset is None:
+            return socket.EAI_NONAME, min(ttl, NEGATIVE_TTL_MAX)
+        name = answer.rrset[0].target.to_text(omit_final_dot=True)
+        return (name,), min(ttl, TTL_MAX)
 
     async def _addresses(self, name: bytes) -> tuple[str, ...]:
         key = host_key(name)
