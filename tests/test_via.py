@@ -336,6 +336,28 @@ async def test_bind_through_a_trisocks_parent(start_proxy: StartProxy) -> None:
     assert child.ctx.stats.parent_sessions[f"socks5h://127.0.0.1:{parent.port}"] == 1
 
 
+async def test_udp_and_bind_reach_the_parent_from_the_egress_address(
+    start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    target = await start_udp_echo(nursery, "127.0.0.1")
+    parent = await start_proxy()
+    clients: list[tuple[int, str]] = []
+    parent.ctx.registry.add_listener(lambda event, s: clients.append(
+        (int(s.command), s.client.host)) if event == "request" else None)
+    child = await start_proxy(rules=via_rules(parent_url(parent), commands=ALL,
+                                              egress="127.0.0.2"))
+    with trio.fail_after(10):
+        await udp_echo_via(child, target)  # the parent admits datagrams from 127.0.0.2 only
+        async with open_socks_bind(child.address, "127.0.0.1", 0,
+                                   auth=(USER, PASSWORD)) as binding:
+            peer = await trio.open_tcp_stream(*binding.address)
+            async with peer:
+                stream, _ = await binding.accept()
+                await peer.send_all(b"hello")
+                assert await stream.receive_some(100) == b"hello"
+    assert clients == [(3, "127.0.0.2"), (2, "127.0.0.2")]  # UDP, then BIND
+
+
 async def test_bind_through_a_parent_times_out_with_rep_06(start_proxy: StartProxy) -> None:
     parent = await start_proxy()
     child = await start_proxy(rules=via_rules(parent_url(parent), commands=ALL),
@@ -369,16 +391,9 @@ def test_check_refuses_bind_and_udp_through_http_parents_only() -> None:
     build_config({"rules": [{**http, "commands": ["connect"]}]}, {})
     build_config({"rules": [{**http, "via": ["http://10.0.0.3:3128",
                                              "socks5://10.0.0.2:1080"]}]}, {})
-    # egress with via: CONNECT reaches the parent from the egress address; UDP and BIND do
-    # not yet, so a rule that could carry them is refused rather than ignoring its egress
-    socks = {"id": "up", "action": "allow", "via": ["socks5://10.0.0.2:1080"],
-             "egress": "127.0.0.2"}
-    build_config({"rules": [{**socks, "commands": ["connect"]}]}, {})
-    for commands, left in ((None, "bind and udp"), (["connect", "bind"], "bind")):
-        rule = {**socks, **({"commands": commands} if commands else {})}
-        with pytest.raises(ConfigError, match=f"egress with via applies to connect only "
-                                              f"\\({left} would"):
-            build_config({"rules": [rule]}, {})
+    # egress with via: the parent is reached from the egress address, for every command
+    build_config({"rules": [{"id": "up", "action": "allow", "via": ["socks5://10.0.0.2:1080"],
+                             "egress": "127.0.0.2"}]}, {})
 
 
 async def test_the_parent_is_reached_from_the_egress_address(

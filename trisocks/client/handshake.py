@@ -8,7 +8,7 @@ after a message stays in :attr:`Control.buffer` for whoever reads next.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import attrs
@@ -140,15 +140,25 @@ class Control:
         return reply.address
 
 
-async def connect_control(proxy: ProxyAddress, auth: Auth) -> Control:
-    """Connect to *proxy* and negotiate; on any failure the connection is closed.
+Connect = Callable[[], Awaitable[trio.SocketStream]]
+"""How to reach the proxy, when not ``trio.open_tcp_stream(host, port)``: an async callable
+that returns the connected stream (say, bound to a chosen source address first)."""
+
+
+async def connect_control(proxy: ProxyAddress, auth: Auth, connect: Connect | None = None
+                          ) -> Control:
+    """Connect to *proxy* (through *connect* when given) and negotiate; on any failure the
+    connection is closed.
 
     Raises:
         OSError: the proxy cannot be reached.
         SocksAuthError, SocksProtocolError: see :meth:`Control.negotiate`.
     """
     host, port = parse_proxy(proxy)
-    stream = await trio.open_tcp_stream(host, port)
+    if connect is not None:
+        stream = await connect()
+    else:
+        stream = await trio.open_tcp_stream(host, port)
     control = Control(stream)
     async with closed_on_error(stream):
         await control.negotiate(auth)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from trisocks.client.handshake import Auth, ProxyAddress, connect_control
+from trisocks.client.handshake import Auth, Connect, ProxyAddress, connect_control
 from trisocks.gss.stream import GssStream
 from trisocks.protocol import (
     Address,
@@ -86,7 +86,8 @@ class SocksDatagramSocket:
 
 @contextlib.asynccontextmanager
 async def open_socks_udp(
-    proxy: ProxyAddress, *, auth: Auth = None, fragment_size: int | None = None
+    proxy: ProxyAddress, *, auth: Auth = None, fragment_size: int | None = None,
+    connect: Connect | None = None,
 ) -> AsyncIterator[SocksDatagramSocket]:
     """Open a UDP association through *proxy*; it lasts as long as the block.
 
@@ -99,6 +100,9 @@ async def open_socks_udp(
         auth: ``(username, password)`` for RFC 1929, or ``None``.
         fragment_size: split outgoing datagrams into fragments of at most this many DATA
             bytes (RFC 1928 §7); ``None`` sends every datagram whole.
+        connect: how to reach the proxy (an async callable returning a connected stream),
+            instead of connecting to *proxy* directly; the UDP socket is bound on the
+            stream's local address.
     Returns:
         A :class:`SocksDatagramSocket`. Leaving the block closes the UDP socket and the TCP
         control connection, which ends the association.
@@ -108,7 +112,7 @@ async def open_socks_udp(
         SocksReplyError: the proxy refused; ``.reply`` holds the REP code.
         SocksProtocolError: the proxy broke the protocol.
     """
-    control = await connect_control(proxy, auth)
+    control = await connect_control(proxy, auth, connect)
     async with control.stream:
         local = control.stream.socket.getsockname()
         with trio.socket.socket(control.stream.socket.family, socket.SOCK_DGRAM) as sock:

@@ -196,15 +196,6 @@ def _check_routes(config: Config) -> None:
     for rule in config.rules:
         if rule.route is None or not rule.route.via:
             continue
-        if rule.route.egress or rule.route.egress_prefix is not None:
-            # CONNECT reaches its parent from the egress address (trisocks.server.parents);
-            # UDP and BIND through a parent do not yet: refuse them rather than ignore egress.
-            left = {"bind", "udp"} if rule.commands is None else rule.commands & {"bind", "udp"}
-            if left:
-                raise ConfigError(
-                    f"rules: rule {rule.id!r}: egress with via applies to connect only "
-                    f"({' and '.join(sorted(left))} would reach the parent from the default "
-                    "address); give it commands = [\"connect\"]")
         # BIND and UDP ASSOCIATE go through SOCKS5 parents only (trisocks.server.parents):
         # a rule whose parents are all HTTP would refuse them all; say so now.
         if all(parent.scheme == "http" for parent in rule.route.via):

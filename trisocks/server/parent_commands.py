@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, cast
 
 import trio
@@ -39,7 +39,7 @@ from trisocks.client import (
     SocksReplyError,
     open_socks_udp,
 )
-from trisocks.client.handshake import Control, connect_control
+from trisocks.client.handshake import Connect, Control, connect_control
 from trisocks.net import ip_of
 from trisocks.policy.routes import Parent
 from trisocks.protocol import Address, AddressType, Command, Reply, Request
@@ -49,9 +49,16 @@ from trisocks.server.control import (
     ClientStream,
     unless_closed,
 )
-from trisocks.server.dial import literal, lookup
+from trisocks.server.dial import Sources, literal, lookup
+from trisocks.server.egress import has_egress
 from trisocks.server.errors import reply_for
-from trisocks.server.parents import ParentFailed, pick_order, plain, read_password
+from trisocks.server.parents import (
+    ParentFailed,
+    pick_order,
+    plain,
+    reach_parent,
+    read_password,
+)
 from trisocks.server.relay import relay_session
 from trisocks.server.replies import send_reply
 from trisocks.server.udp import Association, handle_udp_associate, serve_association
@@ -69,6 +76,24 @@ def _socks_parents(session: Session, ctx: ServerContext) -> list[Parent]:
         return []
     order = pick_order(route.via, ctx.stats, trio.current_time())
     return [p for p in order if p.scheme != "http"]
+
+
+def _from_egress(session: Session, ctx: ServerContext, parent: Parent) -> Connect | None:
+    """How to reach *parent* from the rule's egress address (``None``: the rule has none);
+    the address used becomes ``Session.egress``."""
+    route = ctx.judge.route_of(session)
+    if not has_egress(route):
+        return None
+
+    def sources_for(families: Iterable[socket.AddressFamily]) -> Sources | None:
+        return ctx.egress.sources(session, route, families)
+
+    async def connect() -> trio.SocketStream:
+        stream = await reach_parent(parent, sources_for)
+        ctx.egress.connected(session, route, stream.socket)
+        return stream
+
+    return connect
 
 
 def _auth(parent: Parent) -> tuple[str, str] | None:
@@ -140,7 +165,8 @@ async def _parent_udp(
             try:
                 with trio.fail_after(ctx.config.via_timeout):
                     sock = await held.enter_async_context(
-                        open_socks_udp((parent.host, parent.port), auth=_auth(parent)))
+                        open_socks_udp((parent.host, parent.port), auth=_auth(parent),
+                                       connect=_from_egress(session, ctx, parent)))
             except SocksReplyError as exc:
                 reply = Reply(exc.reply) if isinstance(exc.reply, Reply) else reply
                 session.close_reason = f"{parent.label}: {exc}"
@@ -193,7 +219,8 @@ async def _parent_bind(
     for parent in parents:
         try:
             with trio.fail_after(ctx.config.via_timeout):
-                control = await connect_control((parent.host, parent.port), _auth(parent))
+                control = await connect_control((parent.host, parent.port), _auth(parent),
+                                                _from_egress(session, ctx, parent))
         except _CONNECT_FAILURES as exc:
             _failed(ctx, parent)
             session.close_reason = f"{parent.label}: {exc or type(exc).__name__}"

@@ -104,7 +104,7 @@ SourcesFor = Callable[[Iterable[socket.AddressFamily]], Sources | None]
 """The rule's egress source per family of the parent's addresses (``None``: no egress)."""
 
 
-async def _reach(parent: Parent, sources_for: SourcesFor | None) -> trio.SocketStream:
+async def reach_parent(parent: Parent, sources_for: SourcesFor | None) -> trio.SocketStream:
     """A TCP connection to *parent*, from the rule's egress address when it has one.
 
     Raises:
@@ -126,7 +126,7 @@ async def _socks(
     auth = None if parent.user is None else (parent.user, password or "")
     try:
         with trio.fail_after(via_timeout):
-            stream = await _reach(parent, sources_for)
+            stream = await reach_parent(parent, sources_for)
             control = Control(stream)
             async with closed_on_error(stream):
                 await control.negotiate(auth)
@@ -185,7 +185,7 @@ async def _http(
     request = _http_request(parent, target)
     try:
         with trio.fail_after(via_timeout):
-            stream = await _reach(parent, sources_for)
+            stream = await reach_parent(parent, sources_for)
     except NoEgress:
         raise
     except (OSError, trio.TooSlowError) as exc:
