@@ -29,6 +29,7 @@ from tests.conftest import (
     socks_handshake,
 )
 from tests.test_udp import associate, atyp_addr, header, open_udp, start_udp_echo
+from trisocks.admin.metrics import ProxyCollector
 from trisocks.config import ConfigError, Endpoint
 from trisocks.config.keys import KEYS
 from trisocks.server.reload import reload_config
@@ -172,6 +173,8 @@ async def test_answers_are_kept_for_their_ttl(
         await trio.sleep(1.2)  # the TTL is over
         assert await connect_rep(proxy, "short.example", echo_server[1]) == 0
         assert fake_dns.count("short.example") == 4
+    metrics = {m.name: m for m in ProxyCollector(proxy.ctx).collect()}
+    assert metrics["trisocks_dns_queries"].samples[0].value == 4  # /metrics counts them
 
 
 async def test_nxdomain_is_rep_04_and_kept(

@@ -132,6 +132,10 @@ class ProxyCollector:
         yield _counter("trisocks_parent_failures", "Times a via parent failed and was skipped "
                        "(marked down for via_down_for), by parent.", ["parent"],
                        dict(stats.parent_failures))
+        yield CounterMetricFamily(
+            "trisocks_dns_queries", "DNS questions sent to the resolvers (A and AAAA count one "
+            "each; answers from the cache or hosts ask none; 0 with the system resolver).",
+            value=ctx.resolver.queries)
         yield from self._per_user()
 
     def _per_user(self) -> Iterator[Metric]:

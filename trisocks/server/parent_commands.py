@@ -67,7 +67,8 @@ from trisocks.sessions import Session
 __all__ = ["ParentRelay", "handle_bind_routed", "handle_udp_routed"]
 
 Handler = Callable[[ClientStream, Session, Request, bytes, ServerContext], Any]
-_CONNECT_FAILURES = (OSError, trio.TooSlowError, SocksAuthError, SocksProtocolError, ParentFailed)
+_CONNECT_FAILURES = (OSError, trio.BrokenResourceError, trio.TooSlowError, SocksAuthError,
+                     SocksProtocolError, ParentFailed)
 
 
 def _socks_parents(session: Session, ctx: ServerContext) -> list[Parent]:
@@ -78,18 +79,16 @@ def _socks_parents(session: Session, ctx: ServerContext) -> list[Parent]:
     return [p for p in order if p.scheme != "http"]
 
 
-def _from_egress(session: Session, ctx: ServerContext, parent: Parent) -> Connect | None:
-    """How to reach *parent* from the rule's egress address (``None``: the rule has none);
-    the address used becomes ``Session.egress``."""
+def _from_egress(session: Session, ctx: ServerContext, parent: Parent) -> Connect:
+    """How to reach *parent*: by the server's resolver, from the rule's egress address when it
+    has one (which becomes ``Session.egress``)."""
     route = ctx.judge.route_of(session)
-    if not has_egress(route):
-        return None
 
     def sources_for(families: Iterable[socket.AddressFamily]) -> Sources | None:
         return ctx.egress.sources(session, route, families)
 
     async def connect() -> trio.SocketStream:
-        stream = await reach_parent(parent, sources_for)
+        stream = await reach_parent(parent, sources_for if has_egress(route) else None)
         ctx.egress.connected(session, route, stream.socket)
         return stream
 

@@ -105,14 +105,15 @@ SourcesFor = Callable[[Iterable[socket.AddressFamily]], Sources | None]
 
 
 async def reach_parent(parent: Parent, sources_for: SourcesFor | None) -> trio.SocketStream:
-    """A TCP connection to *parent*, from the rule's egress address when it has one.
+    """A TCP connection to *parent*, from the rule's egress address when it has one; a parent
+    given by name is looked up like any target (``resolvers``, ``hosts``).
 
     Raises:
         OSError: the parent cannot be reached (``NoEgress``: no source of its family).
     """
-    if sources_for is None:
-        return await trio.open_tcp_stream(parent.host, parent.port)
     targets = await resolve(Address.of(parent.host, parent.port))
+    if sources_for is None:
+        return await connect_any(targets, PARENT_EYEBALLS_DELAY)
     sources = sources_for(family for family, _ in targets)
     if sources is not None:
         targets = [t for t in targets if t[0] in sources]
@@ -132,14 +133,15 @@ async def _socks(
                 await control.negotiate(auth)
     except NoEgress:
         raise  # the rule's doing, not the parent's: REP 03, the parent stays up
-    except (OSError, trio.TooSlowError, SocksAuthError, SocksProtocolError) as exc:
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError, SocksAuthError,
+            SocksProtocolError) as exc:  # a reset shows as BrokenResourceError
         raise ParentFailed(str(exc) or type(exc).__name__) from None
     try:
         bound = await control.request(Command.CONNECT, target)
     except SocksReplyError as exc:
         control.stream.socket.close()
         raise UpstreamReply(int(exc.reply), f"{parent.label}: {exc}") from None
-    except (OSError, SocksProtocolError) as exc:
+    except (OSError, trio.BrokenResourceError, SocksProtocolError) as exc:
         control.stream.socket.close()
         raise ParentFailed(str(exc)) from None
     except BaseException:
@@ -220,9 +222,9 @@ async def _http(
     except UpstreamReply:
         stream.socket.close()
         raise
-    except OSError as exc:
+    except (OSError, trio.BrokenResourceError) as exc:
         stream.socket.close()
-        raise ParentFailed(str(exc)) from None
+        raise ParentFailed(str(exc) or type(exc).__name__) from None
     except BaseException:
         stream.socket.close()
         raise
