@@ -16,6 +16,7 @@ import inspect
 import ipaddress
 import shutil
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,14 @@ def curl() -> str:
     if path is None:
         pytest.fail("curl is not installed (scripts/test installs it with apt-get)")
     return path
+
+
+async def run_curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """curl with *args* (proxy flags and a URL), silent but for errors, bounded to 20 s; the
+    caller checks the exit status (97: the proxy refused the login)."""
+    return await trio.run_process(
+        [curl(), "--silent", "--show-error", "--max-time", "20", *args],
+        capture_stdout=True, capture_stderr=True, check=False)
 
 
 def have_ipv6() -> bool:

@@ -25,6 +25,7 @@ from tests.conftest import (
     open_connect,
     read_reply,
     receive_exactly,
+    run_curl,
 )
 from tests.hook_support import Hook, start_hook
 from trisocks.config import Config
@@ -242,17 +243,13 @@ async def test_curl_through_the_proxy_with_a_hook_login(
 ) -> None:
     proxy = await hook_proxy(start_proxy, hook)
     with trio.fail_after(30):
-        result = await trio.run_process(
-            [curl(), "--silent", "--show-error", "--fail", "--max-time", "20", "-x",
-             f"socks5h://{LOGIN}:{SECRET}@127.0.0.1:{proxy.port}",
-             http_origin.url.replace("127.0.0.1", "localhost")],
-            capture_stdout=True, capture_stderr=True, check=False)
+        result = await run_curl(
+            "--fail", "-x", f"socks5h://{LOGIN}:{SECRET}@127.0.0.1:{proxy.port}",
+            http_origin.url.replace("127.0.0.1", "localhost"))
         assert result.returncode == 0, result.stderr.decode()
         assert result.stdout == http_origin.body
-        wrong = await trio.run_process(
-            [curl(), "--silent", "--max-time", "20", "-x",
-             f"socks5h://{LOGIN}:wrong@127.0.0.1:{proxy.port}", http_origin.url],
-            capture_stdout=True, capture_stderr=True, check=False)
+        wrong = await run_curl("-x", f"socks5h://{LOGIN}:wrong@127.0.0.1:{proxy.port}",
+                               http_origin.url)
         assert wrong.returncode == 97  # CURLE_PROXY: the proxy refused the login
         await eventually(lambda: not len(proxy.ctx.registry))
     usage = {u["user"]: u for u in proxy.ctx.accountant.live_usage()}

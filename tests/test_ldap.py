@@ -27,11 +27,11 @@ from tests.conftest import (
     HttpOrigin,
     Proxy,
     connect_request,
-    curl,
     eventually,
     open_connect,
     read_reply,
     receive_exactly,
+    run_curl,
 )
 from tests.ldap_support import PEOPLE, SERVICE_DN, SERVICE_PASSWORD, USER_DN_TEMPLATE, USERS
 from trisocks.config import Config
@@ -365,17 +365,13 @@ async def test_curl_through_the_proxy_with_an_ldap_login(
 ) -> None:
     proxy = await ldap_proxy(start_proxy, directory, tmp_path, mode)
     with trio.fail_after(30):
-        result = await trio.run_process(
-            [curl(), "--silent", "--show-error", "--fail", "--max-time", "20", "-x",
-             f"socks5h://alice:{ALICE_PASSWORD}@127.0.0.1:{proxy.port}",
-             http_origin.url.replace("127.0.0.1", "localhost")],
-            capture_stdout=True, capture_stderr=True, check=False)
+        result = await run_curl(
+            "--fail", "-x", f"socks5h://alice:{ALICE_PASSWORD}@127.0.0.1:{proxy.port}",
+            http_origin.url.replace("127.0.0.1", "localhost"))
         assert result.returncode == 0, result.stderr.decode()
         assert result.stdout == http_origin.body
-        wrong = await trio.run_process(
-            [curl(), "--silent", "--max-time", "20", "--socks5",
-             f"127.0.0.1:{proxy.port}", "--proxy-user", "alice:wrong", http_origin.url],
-            capture_stdout=True, capture_stderr=True, check=False)
+        wrong = await run_curl("--socks5", f"127.0.0.1:{proxy.port}", "--proxy-user", "alice:wrong",
+                               http_origin.url)
         assert wrong.returncode == 97  # CURLE_PROXY: the proxy refused the login
         await eventually(lambda: not len(proxy.ctx.registry))
     usage = {u["user"]: u for u in proxy.ctx.accountant.live_usage()}
