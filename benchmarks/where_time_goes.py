@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trisocks.admin.server import serve_with_admin
 from trisocks.config import Config, Endpoint
 from trisocks.passwords import hash_password
+from trisocks.store.open import open_store
 from trisocks.store.sqlite import Store
 
 USER, PASSWORD = b"bench", b"benchpass"
@@ -93,8 +94,12 @@ async def _with_server(body, oneshot: bool = False):  # type: ignore[no-untyped-
     echo script above, or origin.py's oneshot service (*oneshot*, what loadgen.py expects)."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store(Path(tmp) / "t.db")
-        store.add_user(USER.decode(), hash_password(PASSWORD))
+        plain = Store(Path(tmp) / "t.db")
+        plain.add_user(USER.decode(), hash_password(PASSWORD))
+        plain.close()
+        # As `trisocks serve` opens it: the server reads a snapshot in memory (the cache),
+        # not SQLite on every login.
+        store = open_store(Path(tmp) / "t.db", serving=True)
         argv = [sys.executable, str(HERE / "origin.py")] if oneshot else [
             sys.executable, "-c", ECHO]
         echo = await trio.lowlevel.open_process(
