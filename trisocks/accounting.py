@@ -47,7 +47,7 @@ class Accountant:
         self._pending: dict[str, _Pending] = {}
         self._flushes = 0
         """Flushes so far: a read of the store that a flush overlapped is taken again."""
-        registry.add_listener(self._on_event)
+        registry.on_end(self._ended)
 
     @staticmethod
     def account_name(session: Session) -> str:
@@ -64,10 +64,10 @@ class Accountant:
         pending.last_seen = time.time()
         session.flushed = attrs.evolve(c)
 
-    def _on_event(self, event: str, session: Session) -> None:
+    def _ended(self, session: Session) -> None:
         # A session is counted once it has a user (or is known to be anonymous): when its
         # request has been read. Sessions that never got past the handshake are not usage.
-        if event == "end" and session.command is not None:
+        if session.command is not None:
             self._take(session, new_session=True)
 
     def flush(self) -> None:

@@ -182,6 +182,7 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
         self._listeners: list[Listener] = []
+        self._end_hooks: list[Callable[[Session], None]] = []
         self.total = 0
         """Sessions started since the process began."""
         self.instance: str | None = None
@@ -198,6 +199,11 @@ class SessionRegistry:
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def on_end(self, hook: Callable[[Session], None]) -> None:
+        """Call *hook* with each session as it ends (before the listeners hear ``end``): for
+        what a session holds until its end, without a call on every other event."""
+        self._end_hooks.append(hook)
 
     def remove_listener(self, listener: Listener) -> None:
         self._listeners.remove(listener)
@@ -228,6 +234,8 @@ class SessionRegistry:
     def _leave(self, session: Session) -> None:
         del self._sessions[session.id]
         session.state = "closing"
+        for hook in self._end_hooks:
+            hook(session)
         self.notify("end", session)
 
     def kill(self, session_id: str, reason: str = "killed") -> bool:

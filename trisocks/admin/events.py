@@ -60,9 +60,9 @@ class EventHub:
         """Sessions not announced yet (a dict: ordered, and O(1) removal)."""
         self._ended: list[dict[str, Any]] = []
         """Final records of announced sessions that ended since the last batch."""
-        self._announced: dict[Session, dict[str, Any]] = {}
+        self._announced: dict[Session, dict[str, Any] | None] = {}
         """Live announced sessions, with their shape as last sent (sent again when it
-        changed)."""
+        changed); ``None`` while nobody subscribes (nothing is built for nobody)."""
         self._closed = False
 
     def _on_event(self, event: str, session: Session) -> None:
@@ -73,11 +73,15 @@ class EventHub:
                 del self._started[session]
             else:
                 self._announced.pop(session, None)
-                self._ended.append(session_json(session.view()))
+                if self._subscribers:
+                    self._ended.append(session_json(session.view()))
 
     def _changes(self, *, with_updates: bool) -> list[bytes]:
         started, self._started = list(self._started), {}
         ended, self._ended = self._ended, []
+        if not self._subscribers:  # keep track of who is announced; build nothing
+            self._announced.update(dict.fromkeys(started))
+            return []
         updated = []
         if with_updates:
             for session, seen in self._announced.items():
@@ -105,7 +109,7 @@ class EventHub:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Batch and send events until :meth:`close`; started once it follows the registry."""
         self._registry.add_listener(self._on_event)
-        self._announced = {s: session_json(s.view()) for s in self._registry}
+        self._announced = dict.fromkeys(self._registry)
         task_status.started()
         next_update = trio.current_time() + self._update_interval
         next_ping = trio.current_time() + KEEPALIVE_INTERVAL
@@ -138,7 +142,11 @@ class EventHub:
         """A queue of SSE messages, starting with every live announced session."""
         send, receive = trio.open_memory_channel[bytes](self._queue_size)
         with send, receive:
-            snapshot = [session_json(s.view()) for s in self._registry if s not in self._started]
+            announced = [s for s in self._registry if s not in self._started]
+            snapshot = [session_json(s.view()) for s in announced]
+            for session, shape in zip(announced, snapshot, strict=True):
+                if self._announced.get(session) is None:  # built for nobody until now
+                    self._announced[session] = shape
             send.send_nowait(_message("start", snapshot))
             if self._closed:
                 send.close()

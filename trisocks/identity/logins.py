@@ -89,11 +89,13 @@ class Logins:
     async def login(self, request: LoginRequest) -> Identity | None:
         """The identity *request*'s credentials prove, or ``None`` (refused, or a backend
         error: fail closed)."""
-        digest = self._digest(request)
+        digest = b""  # computed once an external backend is reached (the store keeps its own)
         now = trio.current_time()
         for backend in self.backends:
             source = backend.source
             key = (source, request.user)
+            if source != "store" and not digest:
+                digest = self._digest(request)
             cached = self._cache.get(key) if source != "store" else None
             if cached is not None and cached.expires > now and hmac.compare_digest(
                     cached.digest, digest):

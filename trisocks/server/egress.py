@@ -72,11 +72,10 @@ class Egress:
         self._kept: dict[Session, dict[tuple[Route, int], IP | None]] = {}
         """Per session, by route and IP version: what it keeps (an HTTP client's next
         request may be allowed by another rule)."""
-        registry.add_listener(self._on_event)
+        registry.on_end(self._forget)
 
-    def _on_event(self, event: str, session: Session) -> None:
-        if event == "end":
-            self._kept.pop(session, None)
+    def _forget(self, session: Session) -> None:
+        self._kept.pop(session, None)
 
     def source(self, session: Session, route: Route | None, version: int,
                keep: bool = False) -> IP | None:

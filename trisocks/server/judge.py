@@ -67,7 +67,7 @@ class Judge:
         self.local: frozenset[Network] = frozenset()
         """This host's addresses (``@local``): read at start and on reload."""
         self.read_local_addresses()
-        registry.add_listener(self._on_event)
+        registry.on_end(self.end_request)
 
     def read_local_addresses(self) -> None:
         """Read this host's interface addresses again (``@local``, and ``@admin`` on a
@@ -183,15 +183,11 @@ class Judge:
         A reload does not change a live session's route."""
         return self._routes.get(session)
 
-    def _on_event(self, event: str, session: Session) -> None:
-        if event == "end":
-            self._queries.pop(session, None)
-            self._routes.pop(session, None)
-
     def end_request(self, session: Session) -> None:
-        """Drop the query of *session*'s request before its next one is judged (HTTP
-        keep-alive); the session's end does it otherwise."""
-        self._on_event("end", session)
+        """Drop the query and route of *session*'s request: before its next one is judged
+        (HTTP keep-alive), and at its end."""
+        self._queries.pop(session, None)
+        self._routes.pop(session, None)
 
 
 def open_request(

@@ -48,7 +48,7 @@ class Reservations:
         self.udp_sockets = 0
         """UDP sockets reserved by live associations."""
         self._held: dict[Session, tuple[str, object]] = {}
-        registry.add_listener(self._release_on_end)
+        registry.on_end(self.release)
 
     @staticmethod
     def owner(session: Session) -> tuple[str, object]:
@@ -104,6 +104,3 @@ class Reservations:
             self.udp.release(owner)
             self.udp_sockets -= UDP_SOCKETS_PER_ASSOCIATION
 
-    def _release_on_end(self, event: str, session: Session) -> None:
-        if event == "end":
-            self.release(session)

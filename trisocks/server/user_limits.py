@@ -76,7 +76,7 @@ class UserLimiter:
         self._rates: dict[str, _UserRate] = {}
         self._open: set[Session] = set()
         """Sessions holding a slot (:meth:`open`)."""
-        registry.add_listener(self._on_event)
+        registry.on_end(self._release)
 
     def open(self, session: Session) -> str | None:
         """Take a slot of the user's limits for *session* (authenticated), held until
@@ -120,8 +120,8 @@ class UserLimiter:
         own = self._store.user_limits(session.user) if session.user else UserLimits()
         return own.max_session_duration or self._config().max_session_duration
 
-    def _on_event(self, event: str, session: Session) -> None:
-        if event == "end" and session in self._open:
+    def _release(self, session: Session) -> None:
+        if session in self._open:
             self._open.discard(session)
             if session.user:
                 self.user_sessions.release(session.user)
@@ -134,7 +134,7 @@ class UserLimiter:
     def end_request(self, session: Session) -> None:
         """Give back what :meth:`open` holds for *session* before its next request is judged
         (HTTP keep-alive); the session's end does it otherwise."""
-        self._on_event("end", session)
+        self._release(session)
 
     def rated_users(self) -> Iterator[tuple[str, UserLimits]]:
         """Each user with a session holding a slot, and its limits read from the store now;
