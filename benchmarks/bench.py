@@ -1,6 +1,7 @@
 """Benchmark trisocks beside other SOCKS5 servers in one run and print a table.
 
     python benchmarks/bench.py [--quick] [--only NAME,...] [--duration S] [--markdown FILE]
+                               [--measure KEY,...] [--baseline REV]
 
 Starts the origin server (origin.py), then for each server in turn (no proxy,
 microsocks, Dante, pproxy on uvloop, trisocks) starts it on a free loopback
@@ -21,6 +22,11 @@ Per server it measures:
 * KiB of server memory per idle established connection with N held open,
   each N on a freshly started server (see procs.py for how memory is summed);
 * server CPU seconds per GiB relayed during the 1-stream bulk run.
+
+``--measure conn64,rtt,idle`` runs only those measurements (keys: bulk1, bulk8, bursty,
+conn1, conn64, rtt, idle); ``--baseline REV`` adds a row "trisocks@REV": the same trisocks
+configuration run from a git worktree of REV, so a change is measured before and after in
+one run.
 
 Everything is bounded in time and count; every child process is stopped on
 exit, Ctrl-C or error.
@@ -54,6 +60,7 @@ from report import Cell, Failure
 HERE = Path(__file__).resolve().parent
 PROCESS_SLACK = 30.0  # seconds a load generator may take beyond its measurement
 IDLE_WARMUP_CONNECTIONS = 20
+MEASUREMENTS = ("bulk1", "bulk8", "bursty", "conn1", "conn64", "rtt", "idle")
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class Settings:
     rtt_count: int
     idle_counts: tuple[int, ...]
     hold_timeout: float  # time allowed to open the idle connections
+    measure: frozenset[str] = frozenset(MEASUREMENTS)
 
 
 @dataclass
@@ -160,6 +168,7 @@ def running(server: peers.Server, workdir: Path) -> Iterator[Target]:
             log(f"  {shlex.join(launch.argv)}\n  {exc}; its output:\n{output}")
             last = output.splitlines()[-1] if output else "no output"
             raise ServerStartError(f"{exc}: {last}") from None
+        procs.wait_quiet(proc.pid)  # its start-up is not the first measurement's
         notes = list(launch.notes)
         if launch.check:
             notes.append(launch.check(proc.pid, sdir))
@@ -326,14 +335,23 @@ def measure_traffic(row: dict[str, Cell], target: Target, ports: Ports, s: Setti
         mbps, total = bulk(target, port, 1, s)
         return mbps, (procs.cpu_seconds(target.pgid) - cpu_before) / (total / 2**30)
 
-    attempt(row, ("bulk1", "cpu"), bulk_with_cpu, "bulk 1 stream MB/s, CPU s/GiB")
-    attempt(row, ("bulk8",), lambda: bulk(target, ports.bulk, 8, s)[0], "bulk 8 streams MB/s")
-    attempt(row, ("bursty", "burstycpu"), lambda: bulk_with_cpu(ports.bursty),
-            "bursty origin MB/s, CPU s/GiB")
-    attempt(row, ("conn1",), lambda: connrate(target, ports.oneshot, 1, 1, s), "conn/s 1 client")
-    attempt(row, ("conn64", "cpuconn"), lambda: connrate_with_cpu(target, ports.oneshot, 64, 2, s),
-            "conn/s 64, CPU µs/conn")
-    attempt(row, ("rtt50", "rtt99"), lambda: rtt(target, ports.echo, s), "RTT p50/p99 µs")
+    wanted = s.measure
+    if "bulk1" in wanted:
+        attempt(row, ("bulk1", "cpu"), bulk_with_cpu, "bulk 1 stream MB/s, CPU s/GiB")
+    if "bulk8" in wanted:
+        attempt(row, ("bulk8",), lambda: bulk(target, ports.bulk, 8, s)[0], "bulk 8 streams MB/s")
+    if "bursty" in wanted:
+        attempt(row, ("bursty", "burstycpu"), lambda: bulk_with_cpu(ports.bursty),
+                "bursty origin MB/s, CPU s/GiB")
+    if "conn1" in wanted:
+        attempt(row, ("conn1",), lambda: connrate(target, ports.oneshot, 1, 1, s),
+                "conn/s 1 client")
+    if "conn64" in wanted:
+        attempt(row, ("conn64", "cpuconn"),
+                lambda: connrate_with_cpu(target, ports.oneshot, 64, 2, s),
+                "conn/s 64, CPU µs/conn")
+    if "rtt" in wanted:
+        attempt(row, ("rtt50", "rtt99"), lambda: rtt(target, ports.echo, s), "RTT p50/p99 µs")
 
 
 def benchmark(
@@ -348,7 +366,7 @@ def benchmark(
             measure_traffic(row, target, ports, s)
     except ServerStartError as exc:
         return {"bulk1": Failure(f"did not start: {exc}")}, notes
-    for n in s.idle_counts:
+    for n in s.idle_counts if "idle" in s.measure else ():
         if server.prepare is None:
             row[f"idle{n}"] = None
             continue
@@ -363,18 +381,22 @@ def benchmark(
     return row, notes
 
 
-def select_servers(only: str | None) -> list[peers.Server]:
+def select_servers(only: str | None, baseline: peers.Server | None) -> list[peers.Server]:
+    servers = [*peers.SERVERS, *([baseline] if baseline else [])]
     if not only:
-        return peers.SERVERS
+        return servers
 
     def norm(name: str) -> str:
         return re.sub(r"[^a-z0-9]", "", name.lower())
 
     wanted = [norm(n) for n in only.split(",") if n.strip()]
-    chosen = [srv for srv in peers.SERVERS if any(norm(srv.name).startswith(w) for w in wanted)]
-    unknown = [w for w in wanted if not any(norm(srv.name).startswith(w) for srv in peers.SERVERS)]
+    chosen = [srv for srv in servers if any(norm(srv.name) == w for w in wanted)]
+    chosen = chosen or [srv for srv in servers if any(norm(srv.name).startswith(w) for w in wanted)]
+    if baseline and baseline not in chosen:
+        chosen.append(baseline)
+    unknown = [w for w in wanted if not any(norm(srv.name).startswith(w) for srv in servers)]
     if unknown or not chosen:
-        names = ", ".join(srv.name for srv in peers.SERVERS)
+        names = ", ".join(srv.name for srv in servers)
         sys.exit(f"unknown server(s) {unknown}; choose from: {names}")
     return chosen
 
@@ -389,7 +411,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--markdown", type=Path, metavar="FILE", help="also write the tables as Markdown"
     )
-    return parser.parse_args()
+    parser.add_argument(
+        "--measure", metavar="KEY,...",
+        help=f"only these measurements (of {', '.join(MEASUREMENTS)})",
+    )
+    parser.add_argument(
+        "--baseline", metavar="REV",
+        help="also run trisocks as of git revision REV (a worktree), for before/after",
+    )
+    args = parser.parse_args()
+    if args.measure:
+        keys = {k.strip() for k in args.measure.split(",") if k.strip()}
+        if not keys or keys - set(MEASUREMENTS):
+            parser.error(f"--measure: choose from {', '.join(MEASUREMENTS)}")
+        args.measure = frozenset(keys)
+    return args
 
 
 FULL = Settings(
@@ -402,7 +438,27 @@ QUICK = Settings(
 
 def settings(args: argparse.Namespace) -> Settings:
     base = QUICK if args.quick else FULL
+    if args.measure:
+        base = dataclasses.replace(base, measure=args.measure)
     return dataclasses.replace(base, duration=args.duration) if args.duration else base
+
+
+@contextmanager
+def baseline_worktree(rev: str | None, workdir: Path) -> Iterator[peers.Server | None]:
+    """A server row for trisocks as of *rev*: a detached git worktree, removed after."""
+    if not rev:
+        yield None
+        return
+    tree = workdir / "baseline"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=peers.REPO,
+                   check=True, capture_output=True, timeout=60)
+    try:
+        short = subprocess.run(["git", "rev-parse", "--short", rev], cwd=peers.REPO, check=True,
+                               capture_output=True, text=True).stdout.strip()
+        yield peers.trisocks_at(tree, f"trisocks@{short}")
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=peers.REPO,
+                       capture_output=True, timeout=60)
 
 
 def method_notes(s: Settings) -> list[str]:
@@ -428,7 +484,6 @@ def method_notes(s: Settings) -> list[str]:
 def main() -> None:
     args = parse_args()
     s = settings(args)
-    servers = select_servers(args.only)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # unwind through every `finally`
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -439,7 +494,9 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory(prefix="trisocks-bench-") as tmp,
         origin_server(Path(tmp)) as ports,
+        baseline_worktree(args.baseline, Path(tmp)) as baseline,
     ):
+        servers = select_servers(args.only, baseline)
         for server in servers:
             missing = server.missing()
             if missing:

@@ -134,7 +134,11 @@ def pproxy_mixed(port: int, workdir: Path) -> Launch:
     return launch
 
 
-def trisocks_command() -> list[str] | None:
+def trisocks_command(tree: Path | None = None) -> list[str] | None:
+    """How to run trisocks: the installed executable, or *tree*'s sources when given."""
+    if tree is not None:
+        return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); "
+                "from trisocks.cli.main import main; sys.exit(main())"]
     exe = Path(sys.executable).parent / "trisocks"
     if exe.exists():
         return [str(exe)]
@@ -156,13 +160,14 @@ def _run(argv: list[str], stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
-def trisocks(port: int, workdir: Path) -> Launch:
-    """trisocks as users run it: password auth, admin API and accounting on.
+def trisocks(port: int, workdir: Path, tree: Path | None = None) -> Launch:
+    """trisocks as users run it: password auth, admin API and accounting on (from *tree*'s
+    sources when given: :func:`trisocks_at`).
 
     Flags that ``trisocks serve --help`` does not list are dropped (with a note),
     so the harness keeps working while the CLI is still growing.
     """
-    cmd = trisocks_command()
+    cmd = trisocks_command(tree)
     helped = _run([*cmd, "serve", "--help"])
     if helped.returncode != 0:
         last = (helped.stderr.strip().splitlines() or ["no output"])[-1]
@@ -200,6 +205,11 @@ def trisocks(port: int, workdir: Path) -> Launch:
             "admin API on (own port, bearer token), accounting to the db, log level warning"
         )
     return Launch(argv, user, password, notes=notes)
+
+
+def trisocks_at(tree: Path, name: str) -> Server:
+    """:func:`trisocks` run from the sources in *tree* (a worktree of an earlier revision)."""
+    return Server(name, lambda port, workdir: trisocks(port, workdir, tree))
 
 
 def trisocks_tls_missing() -> str | None:

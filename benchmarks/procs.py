@@ -104,6 +104,21 @@ def cpu_seconds(pgid: int) -> float:
     return ticks / CLK_TCK
 
 
+def wait_quiet(pgid: int, timeout: float = 15.0, window: float = 0.3) -> float:
+    """Wait until the group uses (almost) no CPU for *window* seconds: a server that accepts
+    already may still be starting (trisocks starts its admin API after its listeners), and
+    that start-up must not be charged to the first measurement. Returns the seconds waited."""
+    started = time.monotonic()
+    last = cpu_seconds(pgid)
+    while time.monotonic() - started < timeout:
+        time.sleep(window)
+        now = cpu_seconds(pgid)
+        if now - last <= 0.02 * window + 1 / CLK_TCK:
+            break
+        last = now
+    return time.monotonic() - started
+
+
 def pss_kib(pgid: int) -> int:
     """Sum of Pss (KiB) over the group's processes."""
     total = 0
