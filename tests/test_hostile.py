@@ -61,6 +61,8 @@ async def settle(ctx: ServerContext) -> tuple[int, int]:
     await eventually(lambda: len(ctx.registry) == 0, 10)
     await trio.testing.wait_all_tasks_blocked()
     ctx.engine.close()
+    if ctx.hub is not None:
+        ctx.hub.drop_pipes()
     return open_fds(), task_count()
 
 

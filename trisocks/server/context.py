@@ -18,6 +18,7 @@ from trisocks.identity.store import Authenticator
 from trisocks.server.admission import Admission
 from trisocks.server.egress import Egress
 from trisocks.server.engines import Engine
+from trisocks.server.hub import Hub
 from trisocks.server.judge import Judge
 from trisocks.server.reservations import Reservations
 from trisocks.server.resolver import Resolver
@@ -41,6 +42,9 @@ class ServerContext:
     accountant: Accountant
     engine: Engine
     stats: Stats = attrs.field(factory=Stats)
+    hub: Hub | None = None
+    """Carries the relays of plain-socket sessions while it runs (:mod:`trisocks.server.hub`);
+    ``None`` or not running: every relay has its own pump tasks."""
     access_log: logging.Logger = attrs.field(factory=lambda: logging.getLogger("trisocks.access"))
     shutdown: trio.Event = attrs.field(factory=trio.Event)
     """Set to stop accepting and drain."""

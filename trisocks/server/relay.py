@@ -8,42 +8,22 @@ a wrapper holding bytes already read) cannot be moved so, and goes through ``rec
 ``send_all`` instead (:func:`relay_streams`). Either way one state counts payload bytes (never
 TLS or GSS-API wrapping), applies the throttles, keeps the idle deadline and judges the end.
 
-A direction that ends (EOF) is passed on as a half-close and the other direction keeps going.
-A failure in either direction ends the whole relay; it is returned, never raised, so it ends
-this session only. "client" is the SOCKS client's connection, "target" the one we dialled
-(or, for BIND, the peer that connected):
-
-- ``client closed`` / ``target closed``: a normal end, named by the side that finished first.
-  Both sides sent EOF; or a half-close could not be passed on because its receiver had closed
-  already (``shutdown`` failing with ENOTCONN or EPIPE: everything before it was delivered);
-  or a socket failed on a side that had finished: the target after its EOF (it closed and
-  refused what still came), the client after its own EOF or once the target's EOF had been
-  passed on to it (it had been sent everything there was; a client closing with SO_LINGER 0
-  right after its last read resets).
-- ``relay: target: <error>``: the target failed before it finished (say, a reset in the middle
-  of a response); ``relay: client: <error>``: the client failed (reset) while the target was
-  still sending and before it had sent its own EOF; ``relay: <error>`` when no side's socket
-  shows the failure. A GSS-API failure on the client stream (a tampered token; its abort has
-  been sent) is the client's: ``relay: client: GSS-API: <why>``, finished or not.
-- ``idle timeout``.
-
-On a client stream that cannot half-close (TLS) an EOF that would have to be passed on to it
-ends the relay instead: the client learns of the target's end when the connection closes. A
-TLS EOF without close_notify counts as an EOF.
+How a relay ended, the session's close reason, is judged in
+:mod:`trisocks.server.relay_state`, whatever carries the bytes. Sessions between two plain
+sockets with no throttle are carried by the hub (:mod:`trisocks.server.hub`) while it runs;
+:func:`relay` here is every other relay's loop (and each one's when no hub runs).
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import ssl
 from typing import TYPE_CHECKING
 
 import trio
 from trio.lowlevel import checkpoint
 
-from trisocks.net import socket_of
 from trisocks.server.engines import ALREADY_CLOSED, Engine
+from trisocks.server.relay_state import RelayState
 from trisocks.sessions import Counters, Session
 from trisocks.throttle import Throttle
 
@@ -62,11 +42,8 @@ Throttles = tuple[Throttle | None, Throttle | None]
 """(up, down): what holds each direction to a rate; ``None`` where nothing does."""
 
 
-class _Relay:
-    """The state one relay shares between its two directions.
-
-    Plain methods rather than closures: the pumps hold bound methods, which (with the slots)
-    keep an idle session a few hundred bytes smaller than four closures and their cells.
+class _Relay(RelayState):
+    """The state of a relay carried by two pump tasks in a nursery.
 
     The idle timeout is the deadline of the relay nursery's own cancel scope, so it needs no
     scope of its own. Moving a deadline costs microseconds (trio re-files it), too much per
@@ -75,9 +52,7 @@ class _Relay:
     never earlier.
     """
 
-    __slots__ = ("client", "counters", "down_done", "first", "idle_timeout", "next_move",
-                 "nursery", "outcome", "pending", "pending_side", "scope", "slack", "target",
-                 "up_done")
+    __slots__ = ("next_move", "nursery", "scope", "slack")
 
     def __init__(
         self,
@@ -87,25 +62,10 @@ class _Relay:
         client: trio.abc.Stream,
         target: trio.abc.Stream,
     ) -> None:
+        super().__init__(counters, idle_timeout, client, target)
         now = trio.current_time()
         scope = nursery.cancel_scope
         self.nursery = nursery
-        self.counters = counters
-        self.client = client
-        self.target = target
-        self.up_done = False
-        """The client's EOF was passed on to the target."""
-        self.down_done = False
-        """The target's EOF was passed on to the client."""
-        self.first: str | None = None
-        """The side that finished first: ``client`` or ``target``."""
-        self.outcome: str | None = None
-        """The close reason, once a failure (or a normal end by a socket error) decided it."""
-        self.pending: BaseException | None = None
-        """The first failure, until it is judged (:meth:`_decide`)."""
-        self.pending_side: str | None = None
-        """The side whose stream raised :attr:`pending`, where a stream pump knows it."""
-        self.idle_timeout = idle_timeout
         self.slack = min(IDLE_SLACK, idle_timeout / 10)
         self.next_move = now + self.slack
         self.scope = scope
@@ -124,24 +84,6 @@ class _Relay:
     def down(self, n: int) -> None:
         self.counters.bytes_down += n
         self._touch()
-
-    # EOF from a socket that is gone (reset) while the other direction has just failed may be
-    # that reset, its error taken by the other direction's write: then it is not the peer's
-    # EOF. (Once our own EOF has gone to that peer, the connection is simply over.)
-
-    def stop_up(self, exc: BaseException | None) -> None:
-        """An engine's client-to-target pump ended: at EOF (None) or by *exc*."""
-        if exc is None and (self.pending is None or self.down_done or not _gone(self.client)):
-            self._done("client")
-        else:
-            self._fail(exc or _reset())
-
-    def stop_down(self, exc: BaseException | None) -> None:
-        """An engine's target-to-client pump ended: at EOF (None) or by *exc*."""
-        if exc is None and (self.pending is None or self.up_done or not _gone(self.target)):
-            self._done("target")
-        else:
-            self._fail(exc or _reset())
 
     async def pump_stream(
         self,
@@ -183,22 +125,8 @@ class _Relay:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._fail(exc, where)
 
-    def _done(self, side: str) -> None:
-        if side == "client":
-            self.up_done = True
-        else:
-            self.down_done = True
-        self.first = self.first or side
-
-    def _fail(self, exc: BaseException, side: str | None = None) -> None:
-        if self.pending is None or (isinstance(self.pending, trio.ClosedResourceError)
-                                    and not isinstance(exc, trio.ClosedResourceError)):
-            # A stream closed under us (a GSS-API failure closes its transport) says less
-            # than the failure that closed it, which is often a moment behind.
-            first_failure = self.pending is None
-            self.pending, self.pending_side = exc, side
-            if first_failure:
-                self.nursery.start_soon(self._decide)
+    def _schedule_decision(self) -> None:
+        self.nursery.start_soon(self._decide)
 
     async def _decide(self) -> None:
         """Judge the first failure, then end the relay. One scheduling pass later: an EOF the
@@ -207,67 +135,6 @@ class _Relay:
         await checkpoint()
         self.outcome = self._verdict()
         self.scope.cancel()
-
-    def _verdict(self) -> str:
-        exc = self.pending
-        if self.pending_side is not None:
-            return self._judge_side(self.pending_side, exc)
-        if isinstance(exc, OSError):
-            return self._judge(exc)
-        return "relay: closed"  # trio.ClosedResourceError: a socket closed under us
-
-    def _finished(self, side: str) -> bool:
-        return self.up_done or self.down_done if side == "client" else self.down_done
-
-    def _judge(self, exc: OSError) -> str:
-        """The close reason for *exc* between sockets: a normal end if every side whose socket
-        is gone (reset, timed out) had finished (see the module docstring), else the failure
-        and its side."""
-        failed = [side for side, stream in (("client", self.client), ("target", self.target))
-                  if _gone(stream)]
-        if not failed:
-            return f"relay: {exc.strerror or exc}"
-        for side in failed:
-            if not self._finished(side):
-                return f"relay: {side}: {exc.strerror or exc}"
-        return f"{self.first or failed[0]} closed"
-
-    def _judge_side(self, side: str, exc: BaseException | None) -> str:
-        """The close reason for *exc*, raised by *side*'s stream: a socket error on a side
-        that had finished is a normal end (as :meth:`_judge`); anything else (GSS-API, TLS,
-        a stream closed under us) is a failure of that side."""
-        cause = exc.__cause__ if exc is not None and isinstance(exc.__cause__, OSError) else exc
-        if _socket_error(cause) and self._finished(side):
-            return f"{self.first or side} closed"
-        detail = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
-        return f"relay: {side}: {detail}"
-
-    def result(self) -> str:
-        if self.outcome is not None:
-            return self.outcome
-        if self.pending is not None:  # the relay ended before its failure was judged
-            return self._verdict()
-        if self.up_done and self.down_done:
-            return f"{self.first} closed"
-        return "idle timeout"  # nothing else cancels the relay's own scope without an outcome
-
-
-def _reset() -> OSError:
-    return ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
-
-
-def _gone(stream: trio.abc.Stream) -> bool:
-    """The socket's connection is over (reset or timed out: no peer any more)."""
-    try:
-        socket_of(stream).getpeername()
-    except OSError:
-        return True
-    return False
-
-
-def _socket_error(exc: BaseException | None) -> bool:
-    """*exc* is about the connection (a reset, a timeout), not what came over it (TLS)."""
-    return isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)
 
 
 async def _send_eof(stream: trio.abc.SendStream) -> None:
@@ -356,7 +223,13 @@ async def relay_session(
     if leftover:
         await upstream.send_all(leftover)
         session.counters.bytes_up += len(leftover)
+    throttles = ctx.user_limits.throttles(session)
+    hub = ctx.hub
+    if (hub is not None and hub.running and throttles == (None, None)
+            and isinstance(stream, trio.SocketStream) and isinstance(upstream, trio.SocketStream)):
+        session.close_reason = await hub.relay(stream, upstream, session.counters,
+                                               ctx.config.idle_timeout)
+        return
     session.close_reason = await relay(
-        stream, upstream, session.counters, ctx.engine, ctx.config.idle_timeout,
-        ctx.user_limits.throttles(session),
+        stream, upstream, session.counters, ctx.engine, ctx.config.idle_timeout, throttles
     )

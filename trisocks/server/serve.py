@@ -26,6 +26,7 @@ from trisocks.net import format_sockaddr
 from trisocks.server import resolver
 from trisocks.server.context import ServerContext
 from trisocks.server.engines import make_engine
+from trisocks.server.hub import Hub
 from trisocks.server.listeners import open_listeners
 from trisocks.server.revocation import CredentialWatcher, IdentityWatcher, QuotaWatcher
 from trisocks.server.session import handle_client
@@ -46,13 +47,15 @@ ACCEPT_BURST = 64
 
 def build_context(config: Config, store: UserStore) -> ServerContext:
     registry = SessionRegistry()
+    engine = make_engine(config.relay_engine)
     return ServerContext(
         config=config,
         store=store,
         registry=registry,
         authenticator=Authenticator(store),
         accountant=Accountant(store, registry),
-        engine=make_engine(config.relay_engine),
+        engine=engine,
+        hub=Hub(splice=engine.name == "splice"),
         tls_context=server_context(config),
     )
 
@@ -151,6 +154,8 @@ async def _run(
         if isinstance(store, CachedStore):  # writes leave, others' writes arrive
             root.start_soon(store.run)
         root.start_soon(ctx.accountant.run, config.accounting_flush_interval)
+        if ctx.hub is not None:
+            await root.start(ctx.hub.run)
         await root.start(CredentialWatcher(ctx.store, ctx.registry, ctx.authenticator).run)
         await root.start(QuotaWatcher(ctx.user_limits, ctx.registry, ctx.stats).run)
         await root.start(IdentityWatcher(lambda: ctx.logins, ctx.registry,
