@@ -3,6 +3,7 @@ worker, stops them all on SIGTERM, and gives up (status 2) when their config can
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -13,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.fleet_support import free_port, run_trisocks
+from trisocks.cli.config_flags import read_config
+from trisocks.cli.main import build_parser
+from trisocks.config import Config, ConfigError, build_config, load_file
 
 
 def children(pid: int) -> set[int]:
@@ -147,6 +151,94 @@ def test_every_worker_denies_the_admin_endpoint(tmp_path: Path) -> None:
         replies = [_socks5_connect_reply(port, ("127.0.0.1", admin)) for _ in range(24)]
         assert replies == [2] * 24
         wait_until(lambda: log.read_text().count("rule=admin-endpoint") >= 24, "24 log lines")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+
+
+def test_workers_auto_is_one_per_core_of_the_affinity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the affinity wins: taskset, cgroups
+    assert build_config({"workers": "auto"}, {}).workers == 3
+    (tmp_path / "t.toml").write_text('workers = "auto"\n')
+    assert build_config(load_file(tmp_path / "t.toml"), {}).workers == 3
+    assert build_config({"workers": 2}, {"workers": "auto"}).workers == 3  # the flag wins
+    assert build_config({"workers": "auto"}, {"workers": 2}).workers == 2
+    assert build_config({}, {}).workers == Config().workers == 1  # the default stays 1
+
+
+def test_workers_auto_without_sched_getaffinity_counts_the_cpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert build_config({"workers": "auto"}, {}).workers == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown
+    assert build_config({"workers": "auto"}, {}).workers == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, "many", 1.5, True, "2", "AUTO"])
+def test_bad_workers_is_a_config_error_naming_the_key(value: object) -> None:
+    with pytest.raises(ConfigError) as error:
+        build_config({"workers": value}, {})
+    assert str(error.value) == f'workers: expected a whole number >= 1 or "auto", got {value!r}'
+
+
+def test_workers_flag_takes_a_count_or_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+
+    def workers(*flags: str) -> int:
+        args = build_parser().parse_args(["serve", "--listen", "127.0.0.1:1080", *flags])
+        return read_config(args).workers
+
+    assert workers("--workers", "auto") == 4
+    assert workers("--workers", "3") == 3
+    assert workers() == 1
+    for bad, shown in (("0", "0"), ("-1", "-1"), ("many", "'many'"), ("1.5", "'1.5'")):
+        with pytest.raises(ConfigError) as error:
+            workers("--workers", bad)
+        assert str(error.value) == f'workers: expected a whole number >= 1 or "auto", got {shown}'
+
+
+def test_workers_auto_on_one_core_keeps_port_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Port 0 is refused with more than one worker; "auto" that is one worker is one process."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert build_config({"workers": "auto", "listen": "127.0.0.1:0"}, {}).workers == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    with pytest.raises(ConfigError, match="workers: port 0 would give every worker"):
+        build_config({"workers": "auto", "listen": "127.0.0.1:0"}, {})
+
+
+@pytest.mark.parametrize("command", ["serve", "check"])
+def test_bad_workers_flag_exits_2_on_one_line(tmp_path: Path, command: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trisocks", command, "--listen", f"127.0.0.1:{free_port()}",
+         "--no-admin", "--db", str(tmp_path / "w.db"), "--workers", "many"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "trisocks: error: workers: expected a whole number >= 1 or \"auto\", got 'many'\n")
+
+
+def test_workers_auto_serves_one_worker_per_core(tmp_path: Path) -> None:
+    """The supervisor and every worker it runs again with ``--workers auto`` resolve it alike
+    (the affinity is inherited); at most two cores here, so that the test stays cheap."""
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trisocks", "serve", "--listen", f"127.0.0.1:{free_port()}",
+             "--no-admin", "--db", str(tmp_path / "w.db"), "--workers", "auto"],
+            stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    try:
+        wait_until(lambda: log.read_text().count("listening on") == len(cpus),
+                   f"{len(cpus)} worker(s)")
+        if len(cpus) > 1:  # a supervisor and its workers; on one core, one process
+            assert len(children(proc.pid)) == len(cpus)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]

@@ -87,8 +87,9 @@ SERVE_HELP: dict[str, tuple[str, str]] = {
     "auth_backoff_exempt": ("CIDRS", "comma list of client networks never put in auth backoff "
                             "(default 127.0.0.0/8,::1; '' for none)"),
     "max_session_duration": ("SECONDS", "end sessions after this long (default off)"),
-    "workers": ("N", "processes sharing the listeners with SO_REUSEPORT, restarted if they "
-                "crash; the admin API runs in the first (default 1)"),
+    "workers": ("N|auto", "processes sharing the listeners with SO_REUSEPORT, restarted if "
+                "they crash; the admin API runs in the first; 'auto' for one per core this "
+                "process may run on (its CPU affinity) (default 1)"),
     "proxy_protocol": ("", "listeners expect a PROXY protocol v1/v2 header (HAProxy "
                        "send-proxy/send-proxy-v2) and refuse connections without one"),
     "tls_cert": ("FILE", "PEM certificate chain of tls:// listeners; re-read on reload"),
@@ -160,11 +161,14 @@ _NUMERIC = _INTEGER | {"via_down_for"} | {
     key for key in KEYS
     if key.endswith(("_timeout", "_grace", "_interval", "_rate", "_max", "_duration", "_ttl"))
 }
+_WORDY = {"workers"}
+"""Numeric flags that also take a word ("auto"): what is not a number is left to the key's
+converter, which knows the word and names what it expects."""
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """The config keys as the flags give them (``None`` where not given), numbers parsed; a
-    flag that is not a number exits 2."""
+    flag that is not a number exits 2 (but one of :data:`_WORDY`)."""
     values: dict[str, Any] = {}
     for key in KEYS:
         value = getattr(args, key, None)
@@ -172,7 +176,8 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 value = int(value) if key in _INTEGER else float(value)
             except ValueError:
-                fail(f"--{key.replace('_', '-')}: {value!r} is not a number")
+                if key not in _WORDY:
+                    fail(f"--{key.replace('_', '-')}: {value!r} is not a number")
         values[key] = value
     return values
 

@@ -158,6 +158,23 @@ def _count(key: str, value: Any) -> int:
     return value
 
 
+def _cores() -> int:
+    """The cores this process may run on (its CPU affinity), what ``workers = "auto"`` is."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity on this platform
+        return os.cpu_count() or 1
+
+
+def _workers(key: str, value: Any) -> int:
+    """A count, or ``auto``: one worker per core, resolved now (``Config.workers`` is an int)."""
+    if value == "auto":
+        return _cores()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f'{key}: expected a whole number >= 1 or "auto", got {value!r}')
+    return value
+
+
 def _limit(key: str, value: Any) -> int | None:
     """A count, or ``off`` (also 0) for no limit."""
     if value in ("off", 0):
@@ -309,7 +326,7 @@ KEYS: Mapping[str, Any] = {
     "auth_backoff_max": _positive,
     "auth_backoff_exempt": _networks,
     "max_session_duration": _optional_positive,
-    "workers": _count,
+    "workers": _workers,
     "proxy_protocol": _bool,
     "tls_cert": _path,
     "tls_key": _path,
