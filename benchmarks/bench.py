@@ -41,6 +41,7 @@ import re
 import resource
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -381,6 +382,15 @@ def benchmark(
     return row, notes
 
 
+def median_row(runs: list[dict[str, Cell]]) -> dict[str, Cell]:
+    """Per cell, the median of the runs that measured it (a failure if none did)."""
+    row: dict[str, Cell] = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if isinstance(r.get(key), float)]
+        row[key] = statistics.median(values) if values else runs[0][key]  # type: ignore[assignment]
+    return row
+
+
 def select_servers(only: str | None, baseline: peers.Server | None) -> list[peers.Server]:
     servers = [*peers.SERVERS, *([baseline] if baseline else [])]
     if not only:
@@ -414,6 +424,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--measure", metavar="KEY,...",
         help=f"only these measurements (of {', '.join(MEASUREMENTS)})",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, metavar="N",
+        help="measure every server N times, interleaved; each cell is the median",
     )
     parser.add_argument(
         "--baseline", metavar="REV",
@@ -497,23 +511,31 @@ def main() -> None:
         baseline_worktree(args.baseline, Path(tmp)) as baseline,
     ):
         servers = select_servers(args.only, baseline)
-        for server in servers:
-            missing = server.missing()
-            if missing:
-                log(f"== {server.name}: skipped ({missing})")
-                notes[server.name] = [f"not run: {missing}"]
-                continue
-            log(f"== {server.name}")
-            t0 = time.monotonic()
-            rows[server.name], notes[server.name] = benchmark(server, ports, s, Path(tmp))
-            log(f"   ({time.monotonic() - t0:.0f} s)")
+        runs: dict[str, list[dict[str, Cell]]] = {}
+        for round_ in range(args.repeat):  # rounds interleave the servers
+            for server in servers:
+                missing = server.missing()
+                if missing:
+                    log(f"== {server.name}: skipped ({missing})")
+                    notes[server.name] = [f"not run: {missing}"]
+                    continue
+                log(f"== {server.name}" + (f" (round {round_ + 1})" if args.repeat > 1 else ""))
+                t0 = time.monotonic()
+                row, notes[server.name] = benchmark(server, ports, s, Path(tmp))
+                runs.setdefault(server.name, []).append(row)
+                log(f"   ({time.monotonic() - t0:.0f} s)")
+        rows = {name: median_row(server_runs) for name, server_runs in runs.items()}
     elapsed = time.monotonic() - started
     results = report.Results(report.columns(s.idle_counts), rows, notes)
     command = shlex.join(["python", "benchmarks/bench.py", *sys.argv[1:]])
     preamble = [report.machine_line(), f"Command: `{command}` (took {elapsed:.0f} s)"]
-    print(report.as_text(results, preamble, method_notes(s)))
+    method = method_notes(s)
+    if args.repeat > 1:
+        method.append(f"each cell: the median of {args.repeat} runs, the servers interleaved "
+                      "(one round runs each server once)")
+    print(report.as_text(results, preamble, method))
     if args.markdown:
-        args.markdown.write_text(report.as_markdown(results, preamble, method_notes(s)))
+        args.markdown.write_text(report.as_markdown(results, preamble, method))
         log(f"wrote {args.markdown}")
 
 

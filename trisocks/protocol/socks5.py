@@ -7,6 +7,7 @@ message and ``(message, used)`` once it is complete, leaving whatever follows to
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import struct
 
@@ -95,12 +96,8 @@ class Address:
     @classmethod
     def of(cls, host: str, port: int) -> Address:
         """Build an address, choosing ATYP from the text of *host*."""
-        try:
-            ip = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            return cls(host, port, AddressType.DOMAIN)
-        atyp = AddressType.IPV4 if ip.version == 4 else AddressType.IPV6
-        return cls(str(ip), port, atyp)
+        text, atyp = _kind_of(host)
+        return cls(text, port, atyp)
 
     @property
     def is_unspecified(self) -> bool:
@@ -114,16 +111,32 @@ class Address:
 
     def encode(self) -> bytes:
         """ATYP | ADDR | PORT as on the wire."""
-        if self.atyp == AddressType.IPV4:
-            body = ipaddress.IPv4Address(self.host).packed
-        elif self.atyp == AddressType.IPV6:
-            body = ipaddress.IPv6Address(self.host).packed
+        if self.atyp != AddressType.DOMAIN:
+            body = _packed(self.host, self.atyp)
         else:
             name = self.host.encode()
             if not 1 <= len(name) <= 255:
                 raise ValueError(f"domain name must be 1..255 bytes, got {len(name)}")
             body = bytes([len(name)]) + name
         return bytes([self.atyp]) + body + _PORT.pack(self.port)
+
+
+@functools.lru_cache(maxsize=4096)
+def _kind_of(host: str) -> tuple[str, AddressType]:
+    """*host* in its normal text form, and the ATYP it travels as (cached: the same peers
+    and targets come back again and again, and parsing costs more than the rest)."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host, AddressType.DOMAIN
+    return str(ip), AddressType.IPV4 if ip.version == 4 else AddressType.IPV6
+
+
+@functools.lru_cache(maxsize=4096)
+def _packed(host: str, atyp: AddressType) -> bytes:
+    if atyp == AddressType.IPV4:
+        return ipaddress.IPv4Address(host).packed
+    return ipaddress.IPv6Address(host).packed
 
 
 def parse_address(buf: bytes | bytearray, start: int) -> tuple[Address, int] | None:

@@ -14,11 +14,10 @@ Refusals and evictions are counted in ``stats.limited`` under the limit's name.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -62,6 +61,70 @@ class _Handshake:
     """Its client group (:func:`client_group`)."""
     evicted: str | None = None
     """The cap it was evicted for."""
+
+
+class _Handshaking:
+    """:meth:`Admission.handshaking`: a plain class, not a generator, for it runs once per
+    connection."""
+
+    __slots__ = ("_admission", "_config", "_entry", "_token")
+
+    def __init__(self, admission: Admission, session: Session, ip: IP) -> None:
+        self._admission = admission
+        self._config = admission._config()
+        self._entry = _Handshake(session, trio.CancelScope(), client_group(ip))
+
+    def __enter__(self) -> None:
+        admission, config, entry = self._admission, self._config, self._entry
+        handshakes = admission._handshakes
+        admission._enter(entry)
+        load = len(handshakes) / config.max_handshakes
+        if config.max_handshakes_per_client:
+            load = max(load, handshakes.count(entry.group) / config.max_handshakes_per_client)
+        entry.scope.deadline = trio.current_time() + pressure_timeout(
+            config.handshake_timeout, load
+        )
+        self._token = _CURRENT.set(entry)
+        entry.scope.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        admission, config, entry = self._admission, self._config, self._entry
+        try:
+            entry.scope.__exit__(*exc_info)  # it swallows only its own cancel: raised below
+        finally:
+            _CURRENT.reset(self._token)
+            admission._handshakes.remove(entry)
+            if admission._crowded:  # an episode ends under half the cap
+                group = entry.group
+                if (admission._handshakes.count(group) * 2
+                        < (config.max_handshakes_per_client or 1)):
+                    admission._crowded.discard(group)
+                if len(admission._handshakes) * 2 < config.max_handshakes:
+                    admission._crowded.discard(None)
+        if entry.scope.cancelled_caught:
+            if entry.evicted is not None:
+                raise HandshakeEvicted(entry.evicted)
+            raise trio.TooSlowError
+
+
+class _ServerWork:
+    """:meth:`Admission.server_work`."""
+
+    __slots__ = ("_admission", "_entry")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._entry: _Handshake | None = None
+
+    def __enter__(self) -> None:
+        entry = _CURRENT.get()
+        if entry is not None and self._admission._handshakes.remove(entry):
+            self._entry = entry
+
+    def __exit__(self, *exc_info: object) -> None:
+        entry = self._entry
+        if entry is not None and not entry.scope.cancel_called:
+            self._admission._enter(entry)
 
 
 _CURRENT: contextvars.ContextVar[_Handshake | None] = contextvars.ContextVar(
@@ -120,9 +183,9 @@ class Admission:
         """Handshakes in flight from *ip*'s client group."""
         return self._handshakes.count(client_group(ip))
 
-    @contextlib.contextmanager
-    def handshaking(self, session: Session, ip: IP) -> Iterator[None]:
-        """Run *session*'s handshake in a slot of its client group's and the server's caps.
+    def handshaking(self, session: Session, ip: IP) -> _Handshaking:
+        """``with admission.handshaking(session, ip):`` runs *session*'s handshake in a slot
+        of its client group's and the server's caps.
 
         Over a cap, the oldest handshakes still in flight are evicted to make room (counted in
         ``stats.limited`` under the cap's name). The handshake must finish within
@@ -132,32 +195,7 @@ class Admission:
             trio.TooSlowError: the handshake timed out.
             HandshakeEvicted: a newer connection took its slot.
         """
-        config = self._config()
-        group = client_group(ip)
-        entry = _Handshake(session, trio.CancelScope(), group)
-        self._enter(entry)
-        load = len(self._handshakes) / config.max_handshakes
-        if config.max_handshakes_per_client:
-            load = max(load, self._handshakes.count(group) / config.max_handshakes_per_client)
-        entry.scope.deadline = trio.current_time() + pressure_timeout(
-            config.handshake_timeout, load
-        )
-        token = _CURRENT.set(entry)
-        try:
-            with entry.scope:
-                yield
-        finally:
-            _CURRENT.reset(token)
-            self._handshakes.remove(entry)
-            if self._crowded:  # an episode ends under half the cap
-                if self._handshakes.count(group) * 2 < (config.max_handshakes_per_client or 1):
-                    self._crowded.discard(group)
-                if len(self._handshakes) * 2 < config.max_handshakes:
-                    self._crowded.discard(None)
-        if entry.scope.cancelled_caught:
-            if entry.evicted is not None:
-                raise HandshakeEvicted(entry.evicted)
-            raise trio.TooSlowError
+        return _Handshaking(self, session, ip)
 
     def progress(self) -> None:
         """The current handshake got a whole message: it is not stalled, so it moves behind
@@ -166,20 +204,11 @@ class Admission:
         if entry is not None:
             self._handshakes.touch(entry)
 
-    @contextlib.contextmanager
-    def server_work(self) -> Iterator[None]:
-        """The current handshake waits on us (a password check), not on its client: it is not
-        stalled, so it holds no slot and cannot be evicted meanwhile; it comes back as the
-        newest (it made progress)."""
-        entry = _CURRENT.get()
-        if entry is None or not self._handshakes.remove(entry):
-            yield
-            return
-        try:
-            yield
-        finally:
-            if not entry.scope.cancel_called:
-                self._enter(entry)
+    def server_work(self) -> _ServerWork:
+        """``with admission.server_work():`` the current handshake waits on us (a password
+        check), not on its client: it is not stalled, so it holds no slot and cannot be
+        evicted meanwhile; it comes back as the newest (it made progress)."""
+        return _ServerWork(self)
 
     def _enter(self, entry: _Handshake) -> None:
         """Put *entry* in its slots, evicting the oldest stalled handshakes over a cap."""

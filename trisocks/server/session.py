@@ -266,12 +266,17 @@ def log_record(view: SessionView, duration: float) -> dict[str, Any]:
 
 
 def _log_session(ctx: ServerContext, session: Session, duration: float) -> None:
+    """Count the session in the stats, and write its access line where the access log is on
+    (its level lets INFO through); the line and its record are built only then."""
+    stats, counters = ctx.stats, session.counters
+    stats.bytes_up += counters.bytes_up
+    stats.bytes_down += counters.bytes_down
+    if session.reply is not None:
+        stats.replies[session.reply] += 1
+    stats.protocols[session.protocol] += 1
+    if not ctx.access_log.isEnabledFor(logging.INFO):
+        return
     view = session.view()
-    ctx.stats.bytes_up += view.bytes_up
-    ctx.stats.bytes_down += view.bytes_down
-    if view.reply is not None:
-        ctx.stats.replies[view.reply] += 1
-    ctx.stats.protocols[view.protocol] += 1
     record = log_record(view, duration)
     ctx.access_log.info(
         "%s user=%s %s %s reply=%s rule=%s up=%d down=%d duration=%.3fs protocol=%s%s%s%s%s%s",
