@@ -34,7 +34,7 @@ YIELD_EVERY = 1 << 20
 """Bytes a direction may move without a trio checkpoint while data keeps flowing (a pump that
 waits for data checkpoints anyway); bounds how long one busy session holds the loop."""
 F_SETPIPE_SZ = 1031
-PROBE = 8 * 1024
+PROBE = CHUNK
 """Splice engine: a burst up to this size is copied, not spliced (see SpliceEngine)."""
 ALREADY_CLOSED = (errno.ENOTCONN, errno.EPIPE)
 """``shutdown(SHUT_WR)`` failing so means the receiver closed (or reset) first."""
@@ -173,9 +173,13 @@ class CopyEngine(Engine):
 class SpliceEngine(Engine):
     """Linux zero-copy engine.
 
-    Each burst starts with one small ``readv`` (:data:`PROBE` bytes): a message that fits is
-    copied straight through, which costs fewer system calls than a trip through a pipe (this is
-    what keeps round-trip latency low); only a burst larger than that continues with
+    Each burst starts with one ``readv`` of up to :data:`PROBE` bytes: what fits is copied
+    straight through, one read and one write, which costs fewer system calls than a trip
+    through a pipe (this is what keeps round-trip latency low). The probe is as large as a
+    splice chunk so that a paced burst (a sender's 16-64 KiB ``sendall``, or several of them
+    queued while this task waited) leaves in one write: one send to the destination and one
+    wake-up of its reader, where a small probe and then a splice made two of each (and most
+    of the CPU a burst costs is those sends). Only a burst that fills the probe continues with
     ``splice``. Falls back to copying when no pipe can be had (EMFILE)."""
 
     name = "splice"
@@ -239,7 +243,7 @@ class SpliceEngine(Engine):
         splice, flags, chunk = os.splice, self._FLAGS, self._chunk
         r, w = pipe
         clean = False
-        budget = YIELD_EVERY
+        budget = YIELD_EVERY - n  # the probe's bytes count toward the bound too
         try:
             while True:
                 try:
