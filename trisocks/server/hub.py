@@ -173,9 +173,14 @@ class Hub:
         burst that fills the buffer goes on by splice (splice engine)."""
         if not self._splice:
             return self._copy(flow, BUDGET)
+        if flow.streaming:  # the last round filled the buffer: splice straight away
+            moved = self._splice_more(flow, BUDGET)
+            flow.streaming = moved >= BUFFER
+            return moved
         moved = self._copy(flow, BUFFER)
         if moved == BUFFER and flow.wants_read():
             moved += self._splice_more(flow, BUDGET - moved)
+            flow.streaming = moved >= 2 * BUFFER
         return moved
 
     def _copy(self, flow: Flow, budget: int) -> int:

@@ -27,7 +27,8 @@ class Carrier(Protocol):
 class Flow:
     """One direction of a relay: from ``sfd`` to ``dfd``."""
 
-    __slots__ = ("dfd", "dst", "ended", "left", "pending", "pipe", "relay", "sfd", "up")
+    __slots__ = ("dfd", "dst", "ended", "left", "pending", "pipe", "relay", "sfd", "streaming",
+                 "up")
 
     def __init__(self, relay: HubRelay, src: trio.SocketStream, dst: trio.SocketStream,
                  up: bool) -> None:
@@ -44,6 +45,8 @@ class Flow:
         self.pipe: tuple[int, int] | None = None
         """A pipe holding :attr:`left` bytes not yet taken by the destination (spliced)."""
         self.left = 0
+        self.streaming = False
+        """Its last round moved more than a bufferful: bulk, which splice moves best."""
 
     @property
     def blocked(self) -> bool:
