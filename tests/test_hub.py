@@ -25,21 +25,13 @@ from tests.conftest import (
     receive_exactly,
     wait_closed,
 )
+from tests.test_hostile import task_count
 from trisocks.policy import UserLimits
 from trisocks.server.hub import Hub
 from trisocks.sessions import Counters
 from trisocks.store.sqlite import Store
 
 PAYLOAD = os.urandom(1 << 20) * 6  # 6 MiB: past every socket buffer, so writes block
-
-
-def task_count() -> int:
-    def walk(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
-
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    return walk(root)
 
 
 @pytest.fixture(params=["splice", "copy"])

@@ -27,7 +27,8 @@ from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
 from trisocks.throttle import Throttle
 
-__all__ = ["ALREADY_CLOSED", "CopyEngine", "Engine", "SpliceEngine", "make_engine"]
+__all__ = ["ALREADY_CLOSED", "CopyEngine", "Engine", "SpliceEngine", "make_engine", "new_pipe",
+           "write_some"]
 
 CHUNK = 256 * 1024
 YIELD_EVERY = 1 << 20
@@ -86,7 +87,7 @@ class Engine:
         """Release pooled resources (buffers, pipes); the engine stays usable."""
 
 
-def _write_some(fd: int, view: memoryview) -> int:
+def write_some(fd: int, view: memoryview) -> int:
     """Write what the socket takes now. This plain call usually takes the whole chunk (on
     loopback and fast links), and then no coroutine is created for the write."""
     try:
@@ -119,10 +120,20 @@ async def _copy_chunk(sfd: int, dfd: int, buf: memoryview) -> int | None:
         return None
     if n:
         view = buf[:n]
-        sent = _write_some(dfd, view)
+        sent = write_some(dfd, view)
         if sent < n:
             await _write_rest(dfd, view[sent:])
     return n
+
+
+def new_pipe(size: int) -> tuple[int, int]:
+    """A non-blocking pipe (read end, write end) asked to hold *size* bytes."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, F_SETPIPE_SZ, size)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size: the default size still works
+    return r, w
 
 
 async def _write_rest(fd: int, view: memoryview) -> None:
@@ -195,14 +206,6 @@ class SpliceEngine(Engine):
         """Times a direction was drained through a buffer because no pipe could be made
         (EMFILE/ENFILE)."""
 
-    def _new_pipe(self) -> tuple[int, int]:
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, self._chunk)
-        except OSError:
-            pass  # above /proc/sys/fs/pipe-max-size: the default size still works
-        return r, w
-
     def _release(self, pipe: tuple[int, int], *, clean: bool) -> None:
         if clean and len(self._free) < self._keep:
             self._free.append(pipe)
@@ -234,7 +237,7 @@ class SpliceEngine(Engine):
         if n < PROBE:
             return True  # most likely all there was; wait_readable says if more came
         try:
-            pipe = self._free.pop() if self._free else self._new_pipe()
+            pipe = self._free.pop() if self._free else new_pipe(self._chunk)
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise

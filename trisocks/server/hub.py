@@ -27,7 +27,6 @@ not by a scope per session.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import select
@@ -38,7 +37,7 @@ import outcome
 import trio
 from trio.lowlevel import current_task, reschedule, wait_readable, wait_task_rescheduled
 
-from trisocks.server.engines import ALREADY_CLOSED, F_SETPIPE_SZ
+from trisocks.server.engines import ALREADY_CLOSED, new_pipe, write_some
 from trisocks.server.hub_state import Flow, HubRelay, Socket
 from trisocks.server.idle_sweep import IdleSweeper
 
@@ -112,7 +111,6 @@ class Hub:
         or a side fails; return how it ended (the close reasons of
         :mod:`trisocks.server.relay`). Cancellation ends it at once."""
         relay = HubRelay(self, counters, idle_timeout, client, target)
-        self.now = relay.last
         self._relays.add(relay)
         self._socks[relay.up_flow.sfd] = Socket(relay.up_flow, relay.down_flow)
         self._socks[relay.down_flow.sfd] = Socket(relay.down_flow, relay.up_flow)
@@ -194,7 +192,7 @@ class Hub:
                 if n == 0:
                     self._eof(flow)
                     break
-                sent = _write(flow.dfd, buf[:n])
+                sent = write_some(flow.dfd, buf[:n])
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -212,7 +210,7 @@ class Hub:
 
     def _splice_more(self, flow: Flow, budget: int) -> int:
         try:
-            pipe = self._pipes.pop() if self._pipes else _new_pipe()
+            pipe = self._pipes.pop() if self._pipes else new_pipe(PIPE)
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
@@ -251,7 +249,7 @@ class Hub:
         """The destination of a blocked *flow* can take more: give it what is pending."""
         try:
             if flow.pending is not None:
-                sent = _write(flow.dfd, flow.pending)
+                sent = write_some(flow.dfd, flow.pending)
                 rest = flow.pending[sent:]
                 flow.pending = rest if rest else None
             elif flow.pipe is not None:
@@ -364,18 +362,3 @@ class Hub:
         """Close the pooled pipes (the next burst makes a new one)."""
         while self._pipes:
             self._release(self._pipes.pop(), False)
-
-def _write(fd: int, view: memoryview) -> int:
-    try:
-        return os.write(fd, view)
-    except BlockingIOError:
-        return 0
-
-
-def _new_pipe() -> tuple[int, int]:
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(w, F_SETPIPE_SZ, PIPE)
-    except OSError:
-        pass  # above /proc/sys/fs/pipe-max-size: the default size still works
-    return r, w

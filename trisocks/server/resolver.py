@@ -22,6 +22,7 @@ import contextvars
 import ipaddress
 import socket
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import dns.asyncbackend
@@ -140,18 +141,13 @@ class Resolver:
             host, _ = await trio.socket.getnameinfo((ip, 0), socket.NI_NAMEREQD)
             return str(host)
         key = b"\x00ptr " + ip.encode()  # no name can spell this: a key of its own
-        now = trio.current_time()
-        cached = self._cache.get(key)
-        if cached is not None and cached[0] > now:
-            self._cache.move_to_end(key)
-            result = cached[1]
-        else:
-            result, ttl = (socket.EAI_AGAIN, 0.0)
+
+        async def ask() -> tuple[Result, float]:
             with trio.move_on_after(self._timeout):
-                result, ttl = await self._ptr(ip)
-            if ttl > 0 and self._cache_size:
-                self._cache[key] = (trio.current_time() + ttl, result)
-                self._trim()
+                return await self._ptr(ip)
+            return socket.EAI_AGAIN, 0.0
+
+        result = await self._cached(key, ask)
         if isinstance(result, int):
             raise socket.gaierror(result, f"{ip}: {_MESSAGES[result]}")
         return result[0]
@@ -180,17 +176,7 @@ class Resolver:
         number = numeric_host(key.decode("ascii", "replace"))
         if number is not None:  # as getaddrinfo would: a number is its address
             return (str(number),)
-        now = trio.current_time()
-        cached = self._cache.get(key)
-        if cached is not None and cached[0] > now:
-            self._cache.move_to_end(key)
-            result = cached[1]
-        else:
-            result, ttl = await self._ask(key)
-            if ttl > 0 and self._cache_size:
-                self._cache[key] = (trio.current_time() + ttl, result)
-                self._cache.move_to_end(key)
-                self._trim()
+        result = await self._cached(key, lambda: self._ask(key))
         if isinstance(result, int):
             raise socket.gaierror(result, f"{key.decode('ascii', 'replace')}: {_MESSAGES[result]}")
         return result
@@ -230,6 +216,21 @@ class Resolver:
         if answer.rrset is None:
             return _NODATA, min(ttl, NEGATIVE_TTL_MAX)
         return tuple(str(rdata.address) for rdata in answer.rrset), min(ttl, TTL_MAX)
+
+    async def _cached(
+        self, key: bytes, ask: Callable[[], Awaitable[tuple[Result, float]]]
+    ) -> Result:
+        """The cached answer for *key* while fresh, else *ask*'s (kept for its TTL)."""
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > trio.current_time():
+            self._cache.move_to_end(key)
+            return cached[1]
+        result, ttl = await ask()
+        if ttl > 0 and self._cache_size:
+            self._cache[key] = (trio.current_time() + ttl, result)
+            self._cache.move_to_end(key)
+            self._trim()
+        return result
 
     def _trim(self) -> None:
         limit = self._cache_size or 0
